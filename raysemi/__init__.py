@@ -1,0 +1,1 @@
+"""raysemi: semi-supervised semantic segmentation at scale."""

@@ -1,0 +1,1 @@
+"""Datasets, split protocols, joint transforms and box encodings."""

@@ -1,0 +1,206 @@
+"""The Method contract and the method registry.
+
+A method is an ``nn.Module`` that builds its own networks from a model factory, computes its losses for one
+labelled and one unlabelled batch in ``forward`` (so DistributedDataParallel sees the step), and keeps any state
+beyond parameters in buffers. It never touches optimizers, devices, checkpoints or loggers: the loop does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from raysemi.data.batch import Batch
+from raysemi.errors import ConfigError
+from raysemi.registry import Registry
+
+
+class ModelFactory(Protocol):
+    """Returns a freshly initialised segmentation model each call (two calls give two different inits)."""
+
+    def __call__(self, in_channels: int = 3) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands: ``iteration`` is 0-based, ``total`` the planned number of iterations."""
+
+    iteration: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.iteration / max(self.total, 1)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method may know about the data: class count, names, ignore index, background class (or None),
+    classes excluded from adaptive sampling, number of unlabelled samples (size of per-sample banks) and the
+    training crop (H, W) (some methods size kernels from it)."""
+
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    background_class: int | None = None
+    easy_classes: tuple[int, ...] = ()
+    num_unlabeled: int = 0
+    num_labeled: int = 0
+    crop_size: tuple[int, int] = (64, 64)
+
+
+@dataclass
+class StepOutput:
+    """What one training step returns.
+
+    losses: total loss per optimizer group (keys = the method's ``optimizer_groups()`` keys). The loop sums them and
+        calls backward once (DDP needs one backward per forward); a method guarantees that a group's loss gives no
+        gradient to another group's parameters (detach / frozen copies), so per-group steps stay faithful.
+    terms: named loss terms with graph, at least ``sup`` and ``unsup`` (the weighted unsupervised term the smoke
+        tests back-propagate on its own).
+    logs: scalars to log (mask ratio, ramp value, pseudo-label accuracy, ...).
+    """
+
+    losses: dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Hyperparameters:
+    """Base class of each method's hyperparameter dataclass. Field defaults are the paper defaults; ramp-up
+    lengths are fractions of the total iterations."""
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``Hyper`` and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    Hyper: ClassVar[type[Hyperparameters]] = Hyperparameters
+    #: Hyperparameter overrides under which the unsupervised term is active on an untrained network from the
+    #: first step (e.g. confidence thresholds at 0). The smoke tests use them to prove the term is wired.
+    probe_overrides: ClassVar[dict[str, Any]] = {}
+    #: Whether the unlabelled batches must carry ``box_channels`` (box-supervised methods).
+    needs_boxes: ClassVar[bool] = False
+    #: False only for the supervised baseline, whose ``unsup`` term is identically 0.
+    has_unsupervised_loss: ClassVar[bool] = True
+
+    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: Hyperparameters) -> None:
+        super().__init__()
+        self.info = info
+        self.hp = hparams
+
+    def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
+        raise NotImplementedError
+
+    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """Optimizer groups: name -> torch param-group dicts (``params`` plus optional ``lr_mult``,
+        ``optimizer`` ('sgd'|'adamw'|'adam'), ``lr``, ``betas``). Default: one group 'main' with every trainable
+        parameter of ``student()``, head parameters at the config's head LR multiplier."""
+        return {"main": param_groups(self.student())}
+
+    def after_step(self, progress: Progress) -> None:
+        """Runs after every optimizer step (EMA teachers, bank bookkeeping). No gradients here."""
+
+    def student(self) -> nn.Module:
+        """The network trained by gradient whose weights the unsupervised loss must change."""
+        raise NotImplementedError
+
+    def eval_model(self) -> nn.Module:
+        """The network that predicts at evaluation and is exported."""
+        return self.student()
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B,C,H,W) of the evaluation network."""
+        return self.eval_model()(images)
+
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        """Other networks worth evaluating and logging (e.g. the student of mt, the second net of cps)."""
+        return {}
+
+
+def param_groups(model: nn.Module, **extra: Any) -> list[dict[str, Any]]:
+    """Split a segmentation model's trainable parameters into backbone and head groups; the head group carries
+    ``lr_mult='head'`` so the loop applies the configured head multiplier (10x in DeepLab recipes)."""
+    backbone_ids = {id(p) for p in getattr(model, "backbone_parameters", lambda: [])()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    backbone = [p for p in trainable if id(p) in backbone_ids]
+    head = [p for p in trainable if id(p) not in backbone_ids]
+    groups = []
+    if backbone:
+        groups.append({"params": backbone, **extra})
+    if head:
+        groups.append({"params": head, "lr_mult": "head", **extra})
+    return groups
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def decorate(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorate
+
+
+def build_hparams(method_cls: type[Method], values: dict[str, Any]) -> Hyperparameters:
+    """Build a method's hyperparameters from a dict, failing with the key's name on unknown keys or bad types."""
+    known = {f.name: f for f in dataclasses.fields(method_cls.Hyper)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"method.{key}: not a hyperparameter of {method_cls.name!r}; valid: {', '.join(sorted(known))}"
+            )
+    defaults = method_cls.Hyper()
+    coerced = {k: coerce_value(f"method.{k}", v, getattr(defaults, k)) for k, v in values.items()}
+    return dataclasses.replace(defaults, **coerced)
+
+
+def coerce_value(key: str, value: Any, default: Any) -> Any:
+    """Coerce ``value`` to the type of ``default`` (bool/int/float/str/tuple), or fail naming ``key``."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in {"true", "1", "yes"}:
+                    return True
+                if value.lower() in {"false", "0", "no"}:
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(coerce_value(key, v, default[0]) for v in items) if default else tuple(items)
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def hyperparameter_table(method_cls: type[Method]) -> dict[str, Any]:
+    """Declared hyperparameters and their defaults (what ``raysemi methods`` prints)."""
+    return dataclasses.asdict(method_cls.Hyper())
+
+
+def build_method(name: str, model_factory: ModelFactory, info: DataInfo, values: dict[str, Any]) -> Method:
+    method_cls = METHODS.get(name)
+    return method_cls(model_factory, info, build_hparams(method_cls, values))

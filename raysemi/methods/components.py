@@ -1,0 +1,235 @@
+"""Building blocks shared by the methods (section 1 of the method specification).
+
+Each is written once here: EMA teachers, ramp-ups, losses with the ignore index, confidence masks, pseudo labels,
+CutMix box masks and ClassMix masks, and the all-reduce used to keep method state consistent across workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from raysemi.data.batch import IGNORE_INDEX
+
+# ---------------------------------------------------------------------------------------------- ramp-ups
+
+
+def rampup(kind: str, t: float, length: float) -> float:
+    """Ramp-up value in [0, 1] at ``t`` for a ramp of ``length`` (same unit as ``t``); 1 once ``t >= length``
+    and for ``length == 0``. ``kind``: sigmoid (Laine & Aila), linear, cosine, log, exp."""
+    if length <= 0 or t >= length:
+        return 1.0
+    s = max(t, 0.0) / length
+    if kind == "sigmoid":
+        return math.exp(-5.0 * (1.0 - s) ** 2)
+    if kind == "linear":
+        return s
+    if kind == "cosine":
+        return 1.0 - 0.5 * (math.cos(math.pi * s) + 1.0)
+    if kind == "log":
+        return 1.0 - math.exp(-5.0 * s)
+    if kind == "exp":
+        return math.exp(5.0 * (s - 1.0))
+    raise ValueError(f"unknown ramp-up {kind!r}; valid: sigmoid, linear, cosine, log, exp")
+
+
+RAMPUPS = ("sigmoid", "linear", "cosine", "log", "exp")
+
+# ---------------------------------------------------------------------------------------------- EMA teacher
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of ``student`` that never takes gradients."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up decay ``min(1 - 1/(t+1), a)``: copies the student at t=0, then the true running mean."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "ema") -> None:
+    """``theta_T <- decay * theta_T + (1 - decay) * theta_S`` on parameters; float buffers are averaged the same
+    way (``buffers='ema'``, French et al.), copied (``'copy'``) or left to the teacher's own forward passes
+    (``'own'``). Integer buffers (BN ``num_batches_tracked``) are copied under 'ema'/'copy'."""
+    if buffers not in {"ema", "copy", "own"}:
+        raise ValueError(f"ema_buffers must be ema, copy or own, got {buffers!r}")
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    if buffers == "own":
+        return
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if buffers == "ema" and t.dtype.is_floating_point:
+            t.mul_(decay).add_(s, alpha=1.0 - decay)
+        else:
+            t.copy_(s)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel CE averaged over pixels whose target is not 255; 0 (with graph) when none is valid. ``weight`` is an
+    optional per-pixel weight (B,H,W) applied before averaging over valid pixels."""
+    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (target != IGNORE_INDEX).to(per_pixel.dtype)
+    if weight is not None:
+        per_pixel = per_pixel * weight
+    count = valid.sum()
+    return (per_pixel * valid).sum() / count.clamp_min(1.0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of ``-sum_c q_c log softmax(logits)_c`` with a soft target ``q`` (no gradient to q)."""
+    return -(target_probs.detach() * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def mse_prob(logits: torch.Tensor, target_probs: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over batch, classes and pixels of ``(softmax(logits) - q)^2`` (the reference codes' "MSE on softmax").
+    ``weight`` (B,H,W) multiplies each pixel's squared error before the mean."""
+    sq = (F.softmax(logits, dim=1) - target_probs.detach()) ** 2
+    if weight is not None:
+        sq = sq * weight.unsqueeze(1)
+    return sq.mean()
+
+
+def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100000) -> torch.Tensor:
+    """Online hard example mining CE: keep valid pixels whose true-class probability is <= ``thresh``; if fewer
+    than ``min_kept`` survive, raise the threshold to the ``min_kept``-th smallest probability."""
+    with torch.no_grad():
+        valid = target != IGNORE_INDEX
+        probs = F.softmax(logits, dim=1)
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        p_gt = probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        p_valid = p_gt[valid]
+        threshold = thresh
+        if min_kept > 0 and p_valid.numel() > 0:
+            k = min(min_kept, p_valid.numel())
+            kth = p_valid.kthvalue(k).values.item()
+            threshold = max(threshold, kth)
+        kept = valid & (p_gt <= threshold)
+        hard_target = torch.where(kept, target, torch.full_like(target, IGNORE_INDEX))
+    return cross_entropy(logits, hard_target)
+
+
+# ---------------------------------------------------------------------------------------------- pseudo labels
+
+
+def confidence_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per-pixel float mask ``1[max_c p >= tau]`` (B,H,W)."""
+    return (probs.max(dim=1).values >= threshold).to(probs.dtype)
+
+
+def pseudo_labels(probs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Hard pseudo labels ``argmax_c p`` with pixels below ``threshold`` set to 255. No gradient by construction."""
+    conf, labels = probs.detach().max(dim=1)
+    return torch.where(conf >= threshold, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def pseudo_label_accuracy(labels: torch.Tensor, truth: torch.Tensor | None) -> float | None:
+    """Fraction of pseudo-labelled pixels (label != 255) that match the truth (where the truth is not 255)."""
+    if truth is None:
+        return None
+    scored = (labels != IGNORE_INDEX) & (truth != IGNORE_INDEX)
+    if not scored.any():
+        return None
+    return float((labels[scored] == truth[scored]).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- mixing masks
+
+
+def cutmix_box_masks(
+    batch: int,
+    size: tuple[int, int],
+    area: tuple[float, float] = (0.5, 0.5),
+    n_boxes: int = 1,
+    random_aspect: bool = True,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """French et al.'s BoxMaskGenerator: (B,1,H,W) binary masks that start at 1 and flip to 0 inside each box
+    (overlapping boxes toggle back). Mixing convention used everywhere: ``x_a * (1 - M) + x_b * M``."""
+    h, w = size
+    masks = torch.ones(batch, 1, h, w, device=device)
+    scale = math.sqrt(1.0 / n_boxes)
+    for i in range(batch):
+        for _ in range(n_boxes):
+            r = float(torch.empty(1).uniform_(area[0], area[1])) if area[1] > area[0] else area[0]
+            if random_aspect:
+                u = float(torch.rand(1))
+                h_frac = r**u
+                w_frac = r / h_frac
+            else:
+                h_frac = w_frac = math.sqrt(r)
+            bh = int(round(h_frac * scale * h))
+            bw = int(round(w_frac * scale * w))
+            top = int(round((h - bh) * float(torch.rand(1))))
+            left = int(round((w - bw) * float(torch.rand(1))))
+            region = masks[i, :, top : top + bh, left : left + bw]
+            masks[i, :, top : top + bh, left : left + bw] = 1.0 - region
+    return masks
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a * (1 - M) + b * M`` with M broadcast over channels; integer tensors (labels) are selected, not blended."""
+    if not a.dtype.is_floating_point:
+        m = mask.squeeze(1) if mask.dim() == a.dim() + 1 else mask
+        return torch.where(m.bool(), b, a)
+    return a * (1.0 - mask) + b * mask
+
+
+def classmix_masks(argmax_maps: torch.Tensor) -> torch.Tensor:
+    """ClassMix masks (B,1,H,W): for each sample, ``floor(|K|/2)`` of its present classes K (255 excluded) chosen
+    uniformly without replacement; the mask is 1 where the sample's argmax is a chosen class."""
+    masks = torch.zeros_like(argmax_maps, dtype=torch.float32).unsqueeze(1)
+    for i, amap in enumerate(argmax_maps):
+        classes = amap.unique()
+        classes = classes[classes != IGNORE_INDEX]
+        n_chosen = len(classes) // 2
+        if n_chosen == 0:
+            continue
+        chosen = classes[torch.randperm(len(classes), device=classes.device)[:n_chosen]]
+        masks[i, 0] = torch.isin(amap, chosen).float()
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over workers (no-op without a process group); returns the tensor."""
+    n = world_size()
+    if n > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(n)
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over workers (no-op without a process group); returns the tensor."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from every worker along dim 0 (identity without a process group)."""
+    n = world_size()
+    if n == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(n)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
