@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclasses, YAML loading, ``--set a.b=value`` overrides, validation and dump."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysemi.errors import ConfigError
+from raysemi.methods.base import coerce_value
+
+EVAL_MODES = ("whole", "sliding", "center_crop")
+
+
+@dataclass
+class DataConfig:
+    """dataset: registered dataset name; root: its folder (not needed for ``synthetic``).
+    labeled: split protocol: a fraction ``1/8``, a count ``92``, a list file, or a folder with
+    ``labeled.txt``/``unlabeled.txt``. split_seed: seed of generated splits.
+    resolution_scale: images and masks are resized by this factor before anything else (CPU runs at reduced
+    resolution; evaluation runs at the same scale, labels resized with nearest).
+    crop_size: training crop (H, W); scale_range: random scale before the crop; batch_size: labelled images per
+    worker; unlabeled_batch_size: unlabelled images per worker (0 = same as batch_size).
+    eval_mode: whole | sliding (window = crop_size) | center_crop; val_split: split evaluated; val_limit: evaluate at
+    most this many images (0 = all). synthetic_*: size and counts of the generated dataset."""
+
+    dataset: str = "synthetic"
+    root: str | None = None
+    labeled: str = "1/8"
+    split_seed: int = 0
+    resolution_scale: float = 1.0
+    crop_size: tuple[int, int] = (64, 64)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    batch_size: int = 8
+    unlabeled_batch_size: int = 0
+    num_workers: int = 0
+    eval_mode: str = "whole"
+    val_split: str = "val"
+    val_limit: int = 0
+    synthetic_size: tuple[int, int] = (64, 64)
+    synthetic_train: int = 400
+    synthetic_val: int = 64
+
+    def __post_init__(self) -> None:
+        if self.eval_mode not in EVAL_MODES:
+            raise ConfigError(f"data.eval_mode: expected one of {', '.join(EVAL_MODES)}, got {self.eval_mode!r}")
+        for key in ("batch_size",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.resolution_scale <= 0:
+            raise ConfigError(f"data.resolution_scale: must be > 0, got {self.resolution_scale}")
+
+
+@dataclass
+class ModelConfig:
+    """name: registered model; weights: local file with backbone weights (nothing is downloaded)."""
+
+    name: str = "tiny"
+    weights: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """SGD (or AdamW) with poly LR ``lr * (1 - t/T)^power``. head_lr_mult multiplies the LR of head parameters.
+    lr_scaling: how the LR follows the global batch (workers x batch_size) relative to ``base_batch``:
+    linear (lr * global/base), sqrt, or none."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9
+    head_lr_mult: float = 10.0
+    lr_scaling: str = "linear"
+    base_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"optim.name: expected sgd or adamw, got {self.name!r}")
+        if self.lr_scaling not in ("linear", "sqrt", "none"):
+            raise ConfigError(f"optim.lr_scaling: expected linear, sqrt or none, got {self.lr_scaling!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """iters: total iterations; eval_every / checkpoint_every / log_every in iterations (0 = only at the end);
+    device: auto | cpu | cuda; amp: mixed precision when on CUDA."""
+
+    iters: int = 200
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise ConfigError(f"train.iters: must be >= 1, got {self.iters}")
+
+
+@dataclass
+class DistributedConfig:
+    """workers: Ray Train workers (0 = plain in-process loop); gpu: one GPU per worker (NCCL);
+    address: Ray cluster address (None starts a local one); storage: checkpoint storage every node can reach;
+    max_failures: worker-group restarts allowed; cpus_per_worker: CPUs reserved per worker."""
+
+    workers: int = 0
+    gpu: bool = False
+    address: str | None = None
+    storage: str | None = None
+    max_failures: int = 0
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class TrackingConfig:
+    """uri: MLflow tracking URI (default ``sqlite:///<out>/../mlruns.db``); experiment: MLflow experiment name."""
+
+    uri: str | None = None
+    experiment: str = "raysemi"
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "supervised"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    out: str = "runs/latest"
+
+    @property
+    def method_name(self) -> str:
+        return str(self.method.get("name", "supervised"))
+
+    @property
+    def method_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {values!r}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key; valid: {', '.join(sorted(known))}")
+        default = getattr(defaults, key)
+        kwargs[key] = value if default is None and value is None else _coerce_field(f"{name}.{key}", value, default)
+    return cls(**kwargs)
+
+
+def _coerce_field(key: str, value: Any, default: Any) -> Any:
+    if default is None:
+        return None if value in (None, "null", "None", "") else str(value)
+    return coerce_value(key, value, default)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, failing with the dotted key name on unknown keys or bad values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping at top level, got {type(values).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown config section; valid: {', '.join(sorted(SECTIONS))}")
+        if key == "method":
+            if not isinstance(value, dict):
+                raise ConfigError(f"method: expected a mapping, got {value!r}")
+            kwargs[key] = dict(value)
+        elif key == "out":
+            kwargs[key] = str(value)
+        else:
+            kwargs[key] = _build_section(key, type(getattr(Config(), key)), value)
+    cfg = Config(**kwargs)
+    validate_method(cfg)
+    return cfg
+
+
+def validate_method(cfg: Config) -> None:
+    """Fail early on an unknown method or hyperparameter."""
+    from raysemi.methods import METHODS
+    from raysemi.methods.base import build_hparams
+
+    build_hparams(METHODS.get(cfg.method_name), cfg.method_params)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML scalar) to nested dicts; returns a new dict."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 and parts != ["out"]:
+            raise ConfigError(f"--set {key}: expected section.key (e.g. method.ema_decay=0.999)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if parts == ["out"]:
+            result["out"] = value
+            continue
+        section, name = parts
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {key}: unknown config section {section!r}; valid: {', '.join(sorted(SECTIONS))}")
+        result.setdefault(section, {})
+        result[section][name] = value
+    return result
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge of config dicts (update wins)."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = {**result[key], **value}
+        else:
+            result[key] = value
+    return result
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
