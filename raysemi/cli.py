@@ -1,0 +1,216 @@
+"""Command line: parses arguments, calls the library, reports errors as one line (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raysemi.errors import RaysemiError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="registered dataset (see `raysemi datasets`); default synthetic")
+    p.add_argument("--data-root", help="dataset folder (not needed for synthetic)")
+    p.add_argument("--labeled", help="labelled split: fraction 1/8, count 92, 'all', a list file or a split folder")
+    p.add_argument("--eval-mode", choices=["whole", "sliding", "center_crop"], help="how validation images are predicted")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="registered method (see `raysemi methods`)")
+    _add_data_args(p)
+    p.add_argument("--model", help="registered model (see `raysemi models`); default tiny on synthetic, else lraspp_mobilenet_v3")
+    p.add_argument("--iters", type=int, help="training iterations")
+    p.add_argument("--batch-size", type=int, help="labelled images per worker (unlabelled batch defaults to the same)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, augmentation and method randomness")
+    p.add_argument("--config", help="YAML config file (sections method, data, model, optim, train, distributed, tracking)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. method.ema_decay=0.999")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<runs folder>/mlruns.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysemi", description="Semi-supervised semantic segmentation at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="registered methods, their hyperparameters and defaults")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("datasets", help="registered datasets")
+    sub.add_parser("models", help="registered models")
+
+    p = sub.add_parser("train", help="train one method")
+    _add_run_args(p)
+    p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--workers", type=int, help="Ray Train workers; 0 runs the plain loop in this process")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
+    p.add_argument("--storage", help="checkpoint storage every node can reach (path or URI)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts allowed")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or models:/NAME@ALIAS")
+    _add_data_args(p)
+    p.add_argument("--val-split", help="split to evaluate (default: the run's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ checkpoints")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("doctor", help="check Ray, GPUs, storage and MLflow before a long study")
+    p.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    p.add_argument("--storage", help="storage path or URI to check for writability")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI to check")
+    return parser
+
+
+def run_config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults < --config file < flags < --set."""
+    from raysemi.config import apply_overrides, from_dict, load_yaml, merge
+
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    flags: dict[str, dict[str, Any]] = {"method": {}, "data": {}, "model": {}, "train": {}, "tracking": {}, "distributed": {}}
+    if args.method:
+        flags["method"]["name"] = args.method
+    for flag, key in (("dataset", "dataset"), ("data_root", "root"), ("labeled", "labeled"), ("eval_mode", "eval_mode"), ("batch_size", "batch_size")):
+        if getattr(args, flag, None) is not None:
+            flags["data"][key] = getattr(args, flag)
+    if args.model:
+        flags["model"]["name"] = args.model
+    for flag in ("iters", "seed"):
+        if getattr(args, flag, None) is not None:
+            flags["train"][flag] = getattr(args, flag)
+    if args.tracking_uri:
+        flags["tracking"]["uri"] = args.tracking_uri
+    if args.no_mlflow:
+        flags["tracking"]["enabled"] = False
+    for flag in ("workers", "address", "storage", "max_failures"):
+        if getattr(args, flag, None) is not None:
+            flags["distributed"][flag] = getattr(args, flag)
+    if getattr(args, "gpu", False):
+        flags["distributed"]["gpu"] = True
+    values = merge(values, {k: v for k, v in flags.items() if v})
+    dataset = values.get("data", {}).get("dataset", "synthetic")
+    if "name" not in values.get("model", {}):
+        values = merge(values, {"model": {"name": "tiny" if dataset == "synthetic" else "lraspp_mobilenet_v3"}})
+    values = apply_overrides(values, args.set)
+    if getattr(args, "out", None):
+        values["out"] = args.out
+    elif "out" not in values:
+        method = values.get("method", {}).get("name", "supervised")
+        values["out"] = f"runs/{method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return from_dict(values)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from raysemi.methods import METHODS
+    from raysemi.methods.base import hyperparameter_table
+
+    table = {name: {"doc": (METHODS.get(name).__doc__ or "").strip().splitlines()[0], "hyperparameters": hyperparameter_table(METHODS.get(name))} for name in METHODS.names()}
+    if args.json:
+        print(json.dumps(table))
+        return 0
+    for name, entry in table.items():
+        print(f"{name:<11} {entry['doc']}")
+        for key, value in entry["hyperparameters"].items():
+            print(f"    {key} = {value!r}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from raysemi.data.datasets import DATASETS
+
+    for name in DATASETS.names():
+        doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()
+        print(f"{name:<11} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from raysemi.models import MODELS
+
+    for name in MODELS.names():
+        doc = (MODELS.get(name).__doc__ or "").strip().splitlines()
+        print(f"{name:<24} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = run_config_from_args(args)
+    if cfg.distributed.workers > 0:
+        from raysemi.engine.distributed import fit_distributed
+
+        summary = fit_distributed(cfg, resume=args.resume)
+    else:
+        from raysemi.engine.loop import fit
+
+        callbacks = []
+        if cfg.tracking.enabled:
+            from raysemi.engine.tracking import MlflowCallback
+
+            callbacks.append(MlflowCallback(cfg))
+        from raysemi.engine.progress import ProgressCallback
+
+        callbacks.append(ProgressCallback(cfg.train.iters))
+        summary = fit(cfg, resume=args.resume, callbacks=callbacks)
+    _print_summary(summary, args.json, f"val mIoU {summary.get('val_miou')} ({cfg.data.eval_mode}) -> {cfg.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raysemi.engine.loop import evaluate_checkpoint
+
+    checkpoint = args.checkpoint
+    if checkpoint.startswith("models:/"):
+        from raysemi.engine.registry_models import download_checkpoint
+
+        checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("root", args.data_root), ("labeled", args.labeled), ("eval_mode", args.eval_mode), ("val_split", args.val_split)) if v is not None}
+    result = evaluate_checkpoint(checkpoint, overrides, device=args.device)
+    _print_summary(result, args.json, f"val mIoU {result['val_miou']:.4f} ({result['eval_mode']}, {result['dataset']}/{result['val_split']})")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from raysemi.engine.doctor import format_checks, run_doctor
+
+    checks = run_doctor(args.address, args.storage, args.tracking_uri)
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool, line: str) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(line)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "methods": cmd_methods,
+    "datasets": cmd_datasets,
+    "models": cmd_models,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RaysemiError as exc:
+        print(f"raysemi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raysemi {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training loop, distribution (Ray Train), tuning (Ray Tune) and tracking (MLflow)."""

@@ -1,0 +1,58 @@
+"""One checkpoint format for plain runs, Ray Train runs and Tune trials: a single ``state.pt`` dict of tensors and
+plain values, written atomically and read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysemi.errors import CheckpointError
+
+STATE_FILE = "state.pt"
+FORMAT_VERSION = 1
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a crash
+    mid-write never leaves a truncated checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_state_file(path: str | Path) -> Path:
+    """A checkpoint is a ``state.pt`` file or a folder holding one (Ray checkpoints are folders)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATE_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return p
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    p = resolve_state_file(path)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "method" not in state:
+        raise CheckpointError(f"{p}: not a raysemi checkpoint (format {FORMAT_VERSION} expected)")
+    return state

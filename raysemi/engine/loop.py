@@ -1,0 +1,397 @@
+"""The plain PyTorch training loop. Runs without Ray; Ray Train and Tune plug in through a ``Runtime``.
+
+Iteration-based: one labelled and one unlabelled batch per step, one optimizer per method group, poly LR, AMP on
+CUDA, evaluation and checkpoints at fixed iterations, exact resume (method, optimizers, scaler, RNG, loader
+position), callbacks for progress and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raysemi.config import Config, dump, to_dict
+from raysemi.data.loaders import Loaders, build_loaders
+from raysemi.engine.checkpoint import FORMAT_VERSION, load_state, save_atomic
+from raysemi.engine.evaluate import evaluate
+from raysemi.errors import CheckpointError
+from raysemi.methods import METHODS, Method, Progress, build_method
+from raysemi.methods.components import all_reduce_sum
+from raysemi.metrics import summarize
+from raysemi.models import build_model
+
+
+class Runtime:
+    """Where the loop runs. The plain runtime: one process, checkpoints in ``<out>/checkpoints``."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, out_dir: Path, resume: bool = False) -> None:
+        self.out_dir = out_dir
+        self.resume = resume
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, cfg: Config) -> torch.device:
+        if cfg.train.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(cfg.train.device)
+
+    def wrap(self, method: Method) -> nn.Module:
+        return method
+
+    def restore(self) -> dict[str, Any] | None:
+        last = self.out_dir / "checkpoints" / "last.pt"
+        if not self.resume:
+            return None
+        if not last.exists():
+            raise CheckpointError(f"{last}: --resume given but no checkpoint to resume from")
+        return load_state(last)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
+        """Called by every rank at every evaluation / checkpoint point; returns where the checkpoint went."""
+        if state is None:
+            return None
+        return str(save_atomic(state, self.out_dir / "checkpoints" / "last.pt"))
+
+
+class Callback:
+    """Hooks called on the main rank only."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+
+    def on_log(self, iteration: int, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
+
+
+def scaled_lr(cfg: Config, world_size: int) -> float:
+    """LR for the global batch ``workers x batch_size`` relative to ``optim.base_batch``."""
+    ratio = cfg.data.batch_size * world_size / cfg.optim.base_batch
+    if cfg.optim.lr_scaling == "linear":
+        return cfg.optim.lr * ratio
+    if cfg.optim.lr_scaling == "sqrt":
+        return cfg.optim.lr * math.sqrt(ratio)
+    return cfg.optim.lr
+
+
+def build_optimizers(method: Method, cfg: Config, lr: float) -> dict[str, torch.optim.Optimizer]:
+    optimizers = {}
+    for name, groups in method.optimizer_groups().items():
+        kind = groups[0].get("optimizer", cfg.optim.name)
+        param_groups = []
+        for group in groups:
+            mult = group.get("lr_mult", 1.0)
+            mult = cfg.optim.head_lr_mult if mult == "head" else float(mult)
+            base = float(group["lr"]) if "lr" in group else lr * mult
+            extra = {"betas": tuple(group["betas"])} if "betas" in group and kind != "sgd" else {}
+            param_groups.append({"params": list(group["params"]), "lr": base, "initial_lr": base, **extra})
+        if kind == "sgd":
+            opt = torch.optim.SGD(param_groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        elif kind == "adamw":
+            opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+        elif kind == "adam":
+            opt = torch.optim.Adam(param_groups, lr=lr)
+        else:
+            raise ValueError(f"optimizer group {name!r}: unknown optimizer {kind!r}")
+        optimizers[name] = opt
+    return optimizers
+
+
+def set_poly_lr(optimizers: dict[str, torch.optim.Optimizer], iteration: int, total: int, power: float) -> None:
+    factor = (1.0 - iteration / total) ** power
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+def infinite(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+@dataclass
+class LossStats:
+    last: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        self.last = dict(values)
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+class Trainer:
+    """Builds data, method and optimizers from a Config and runs ``fit``."""
+
+    def __init__(self, cfg: Config, runtime: Runtime | None = None, callbacks: list[Callback] | None = None) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out)
+        self.runtime = runtime or Runtime(self.out_dir)
+        self.callbacks = callbacks if self.runtime.is_main else []
+        self.device = self.runtime.device(cfg)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        method_cls = METHODS.get(cfg.method_name)
+        self.loaders: Loaders = build_loaders(
+            cfg.data, cfg.train.seed, self.runtime.rank, self.runtime.world_size, needs_boxes=method_cls.needs_boxes
+        )
+        info = self.loaders.info
+        torch.manual_seed(cfg.train.seed)
+
+        def factory(in_channels: int = 3) -> nn.Module:
+            return build_model(cfg.model.name, info.num_classes, in_channels=in_channels, weights=cfg.model.weights)
+
+        self.method: Method = build_method(cfg.method_name, factory, info, cfg.method_params).to(self.device)
+        self.lr = scaled_lr(cfg, self.runtime.world_size)
+        self.optimizers = build_optimizers(self.method, cfg, self.lr)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.model = self.runtime.wrap(self.method)
+        self.iteration = 0
+        self.stats = LossStats()
+        self.last_eval: dict[str, Any] = {}
+        self.images_seen = 0
+        self.train_seconds = 0.0
+        self.checkpoint_path: str | None = None
+        self._restore(self.runtime.restore())
+        # Different ranks draw different augmentation masks and dropout; rank 0 of a 1-worker run equals the plain loop.
+        if self.iteration == 0:
+            torch.manual_seed(cfg.train.seed * 1000 + self.runtime.rank)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "method_name": self.cfg.method_name,
+            "num_classes": self.loaders.info.num_classes,
+            "iteration": self.iteration,
+            "method": self.method.state_dict(),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "stats": {"last": self.stats.last, "sums": self.stats.sums, "count": self.stats.count},
+            "last_eval": {k: v for k, v in self.last_eval.items() if k != "per_class_iou"},
+            "images_seen": self.images_seen,
+            "train_seconds": self.train_seconds,
+            "config": to_dict(self.cfg),
+            "split_digest": self.loaders.split.digest(),
+        }
+
+    def _restore(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            return
+        if state.get("method_name") != self.cfg.method_name:
+            raise CheckpointError(
+                f"checkpoint is for method {state.get('method_name')!r}, the run is {self.cfg.method_name!r}"
+            )
+        try:
+            self.method.load_state_dict(state["method"])
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint does not match this run's method/model ({first[:160]})") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.stats = LossStats(**state["stats"])
+        self.last_eval = dict(state.get("last_eval", {}))
+        self.images_seen = int(state.get("images_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        data = self.cfg.data
+        unlabeled_batch = data.unlabeled_batch_size or data.batch_size
+        self.loaders = build_loaders(
+            data,
+            self.cfg.train.seed,
+            self.runtime.rank,
+            self.runtime.world_size,
+            labeled_start=self.iteration * data.batch_size,
+            unlabeled_start=self.iteration * unlabeled_batch,
+            needs_boxes=type(self.method).needs_boxes,
+        )
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        total = cfg.train.iters
+        if self.runtime.is_main:
+            self._write_run_files()
+        for cb in self.callbacks:
+            cb.on_start(self)
+        labeled_iter, unlabeled_iter = infinite(self.loaders.labeled), infinite(self.loaders.unlabeled)
+        self.method.train()
+        while self.iteration < total:
+            started = time.perf_counter()
+            labeled = next(labeled_iter).to(self.device, non_blocking=True)
+            unlabeled = next(unlabeled_iter).to(self.device, non_blocking=True)
+            progress = Progress(self.iteration, total)
+            logs = self._step(labeled, unlabeled, progress)
+            self.images_seen += len(labeled) + len(unlabeled)
+            self.train_seconds += time.perf_counter() - started
+            self.iteration += 1
+            self.stats.add(logs)
+            if self.iteration % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
+                for cb in self.callbacks:
+                    cb.on_log(self.iteration, logs)
+            self._maybe_evaluate_and_checkpoint()
+        return self._finish()
+
+    def _step(self, labeled: Any, unlabeled: Any, progress: Progress) -> dict[str, float]:
+        set_poly_lr(self.optimizers, progress.iteration, progress.total, self.cfg.optim.power)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = self.model(labeled, unlabeled, progress)
+        total = sum(loss for loss in out.losses.values() if loss.requires_grad)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if isinstance(total, torch.Tensor):
+            self.scaler.scale(total).backward()
+            for opt in self.optimizers.values():
+                self.scaler.step(opt)
+            self.scaler.update()
+        self.method.after_step(progress)
+        logs = {f"loss/{k}": float(v.detach()) for k, v in out.terms.items()}
+        logs.update({f"loss/total_{k}": float(v.detach()) for k, v in out.losses.items()})
+        logs.update({f"train/{k}": float(v) for k, v in out.logs.items()})
+        logs["train/lr"] = self.optimizers[next(iter(self.optimizers))].param_groups[0]["lr"]
+        return logs
+
+    def _maybe_evaluate_and_checkpoint(self) -> None:
+        cfg, it = self.cfg, self.iteration
+        final = it == cfg.train.iters
+        do_eval = final or (cfg.train.eval_every > 0 and it % cfg.train.eval_every == 0)
+        do_ckpt = final or (cfg.train.checkpoint_every > 0 and it % cfg.train.checkpoint_every == 0)
+        if not (do_eval or do_ckpt):
+            return
+        if do_eval:
+            self.last_eval = self.evaluate(final=final)
+            for cb in self.callbacks:
+                cb.on_eval(it, self.last_eval)
+        metrics = {"iteration": it, **{k: v for k, v in self.last_eval.items() if isinstance(v, (int, float))}}
+        metrics.update({k: v for k, v in self.stats.last.items()})
+        path = self.runtime.report(metrics, self.state() if do_ckpt else None)
+        if path is not None:
+            self.checkpoint_path = path
+
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        """Evaluate the method's evaluation network (and, at the end, its extra networks) on this rank's val shard,
+        summing confusion matrices over workers."""
+        data, info = self.cfg.data, self.loaders.info
+        self.method.eval()
+        try:
+            confusion = evaluate(self.method.predict, self.loaders.val, info.num_classes, data.eval_mode, data.crop_size, self.device)
+            self.confusion = all_reduce_sum(confusion.to(self.device)).cpu()
+            result = summarize(self.confusion, info.class_names)
+            metrics: dict[str, Any] = {
+                "val/miou": result["miou"],
+                "val/pixel_acc": result["pixel_acc"],
+                "per_class_iou": result["per_class_iou"],
+            }
+            if final:
+                for name, net in self.method.extra_eval_models().items():
+                    cm = evaluate(net, self.loaders.val, info.num_classes, data.eval_mode, data.crop_size, self.device)
+                    metrics[f"val/miou_{name}"] = summarize(all_reduce_sum(cm.to(self.device)).cpu())["miou"]
+        finally:
+            self.method.train()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- outputs
+    def _write_run_files(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        dump(self.cfg, self.out_dir / "config.yaml")
+        self.loaders.split.write(self.out_dir / "split")
+        from raysemi.engine.provenance import provenance
+
+        (self.out_dir / "provenance.json").write_text(json.dumps(provenance(self.loaders.split.digest()), indent=2))
+
+    def _finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        summary = {
+            "method": cfg.method_name,
+            "dataset": cfg.data.dataset,
+            "model": cfg.model.name,
+            "labeled": cfg.data.labeled,
+            "iterations": self.iteration,
+            "seed": cfg.train.seed,
+            "workers": self.runtime.world_size,
+            "eval_mode": cfg.data.eval_mode,
+            "val_miou": self.last_eval.get("val/miou"),
+            "val_pixel_acc": self.last_eval.get("val/pixel_acc"),
+            "per_class_iou": self.last_eval.get("per_class_iou"),
+            **{k.replace("val/", "val_"): v for k, v in self.last_eval.items() if k.startswith("val/miou_")},
+            "losses_last": self.stats.last,
+            "losses_mean": self.stats.means(),
+            "images_per_s": self.images_seen / self.train_seconds if self.train_seconds > 0 else None,
+            "train_seconds": self.train_seconds,
+            "lr": self.lr,
+            "global_batch": cfg.data.batch_size * self.runtime.world_size,
+            "split_digest": self.loaders.split.digest(),
+            "checkpoint": self.checkpoint_path,
+            "out": str(self.out_dir),
+        }
+        for cb in self.callbacks:
+            cb.on_end(self, summary)
+        if self.runtime.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+
+def fit(cfg: Config, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train in this process (no Ray) and return the run summary."""
+    trainer = Trainer(cfg, Runtime(Path(cfg.out), resume=resume), callbacks)
+    return trainer.fit()
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a checkpoint's evaluation network on a dataset's validation split (by default the one it was
+    trained with; ``data_overrides`` replaces data config keys, e.g. dataset, root, eval_mode, val_split)."""
+    from raysemi.config import from_dict, merge
+
+    state = load_state(path)
+    values = merge(state["config"], {"data": data_overrides or {}, "train": {"device": device}})
+    values["tracking"] = {**values.get("tracking", {}), "enabled": False}
+    cfg = from_dict(values)
+    trainer = Trainer(cfg, Runtime(Path(cfg.out)), callbacks=[])
+    if trainer.loaders.info.num_classes != state["num_classes"]:
+        raise CheckpointError(
+            f"{path}: checkpoint predicts {state['num_classes']} classes, dataset {cfg.data.dataset!r} has "
+            f"{trainer.loaders.info.num_classes}"
+        )
+    try:
+        trainer.method.load_state_dict(state["method"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the method/model ({str(exc).splitlines()[0][:160]})") from None
+    metrics = trainer.evaluate(final=True)
+    return {
+        "checkpoint": str(path),
+        "method": cfg.method_name,
+        "dataset": cfg.data.dataset,
+        "val_split": cfg.data.val_split,
+        "eval_mode": cfg.data.eval_mode,
+        "iteration": state["iteration"],
+        "val_miou": metrics["val/miou"],
+        "val_pixel_acc": metrics["val/pixel_acc"],
+        "per_class_iou": metrics["per_class_iou"],
+        **{k.replace("val/", "val_"): v for k, v in metrics.items() if k.startswith("val/miou_")},
+    }

@@ -1,0 +1,160 @@
+"""MLflow tracking: a run per training (nested under a study's parent run when tuning), params, per-step and
+per-eval metrics, artifacts (config, split, per-class IoU, confusion matrix, overlays), model registration."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from raysemi.config import Config, to_dict
+from raysemi.engine.plots import confusion_png, overlay_grid_png
+from raysemi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raysemi.engine.loop import Trainer
+
+from raysemi.engine.loop import Callback
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """``sqlite:///<folder above the run folder>/mlruns.db`` (absolute), so runs of one project share a store."""
+    return f"sqlite:///{Path(out_dir).resolve().parent / 'mlruns.db'}"
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
+    """Experiment id for ``name``, creating it with a local artifact folder next to a sqlite store."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if artifact_root is None and uri.startswith("sqlite:///"):
+        artifact_root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    if artifact_root is not None:
+        location = artifact_root.resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # another trial created it between our lookup and create
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class MlflowCallback(Callback):
+    """Logs one training run. ``parent_run_id`` nests it under a study run; ``extra_params`` adds e.g. the
+    scaling config or a trial id."""
+
+    def __init__(self, cfg: Config, parent_run_id: str | None = None, run_name: str | None = None, extra_params: dict[str, Any] | None = None) -> None:
+        self.uri = tracking_uri(cfg)
+        self.experiment = cfg.tracking.experiment
+        self.parent_run_id = parent_run_id
+        self.run_name = run_name or Path(cfg.out).name
+        self.extra_params = extra_params or {}
+        self.run_id: str | None = None
+        self.client = MlflowClient(self.uri)
+
+    def on_start(self, trainer: Trainer) -> None:
+        try:
+            experiment_id = ensure_experiment(self.uri, self.experiment)
+        except Exception as exc:  # MLflow raises many types for an unreachable or bad store
+            raise ConfigError(f"tracking.uri {self.uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
+        tags = {"raysemi.method": trainer.cfg.method_name, "raysemi.dataset": trainer.cfg.data.dataset}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = flatten(to_dict(trainer.cfg))
+        params.update(
+            {
+                "split_digest": trainer.loaders.split.digest(),
+                "workers": trainer.runtime.world_size,
+                "global_batch": trainer.cfg.data.batch_size * trainer.runtime.world_size,
+                "lr_scaled": trainer.lr,
+                **self.extra_params,
+            }
+        )
+        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
+        self._log_metrics(metrics, iteration)
+
+    def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for name, iou in (metrics.get("per_class_iou") or {}).items():
+            values[f"val_iou/{name}"] = iou
+        self._log_metrics(values, iteration)
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        entries = [
+            mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+            for k, v in metrics.items()
+            if v is not None and v == v
+        ]
+        if entries and self.run_id:
+            self.client.log_batch(self.run_id, metrics=entries)
+
+    def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if self.run_id is None:
+            return
+        summary["mlflow_run_id"] = self.run_id
+        summary["mlflow_tracking_uri"] = self.uri
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for name in ("config.yaml", "provenance.json"):
+                src = trainer.out_dir / name
+                if src.exists():
+                    self.client.log_artifact(self.run_id, str(src))
+            self.client.log_artifacts(self.run_id, str(trainer.out_dir / "split"), "split")
+            ious = summary.get("per_class_iou") or {}
+            (folder / "per_class_iou.csv").write_text("class,iou\n" + "".join(f"{k},{v}\n" for k, v in ious.items()))
+            self.client.log_artifact(self.run_id, str(folder / "per_class_iou.csv"))
+            if getattr(trainer, "confusion", None) is not None:
+                path = confusion_png(trainer.confusion, trainer.loaders.info.class_names, folder / "confusion_matrix.png")
+                self.client.log_artifact(self.run_id, str(path))
+            self.client.log_artifact(self.run_id, str(overlays(trainer, folder / "predictions.png")))
+            (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(folder / "summary.json"))
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+@torch.no_grad()
+def overlays(trainer: Trainer, path: Path, count: int = 4) -> Path:
+    images, masks, preds = [], [], []
+    trainer.method.eval()
+    try:
+        for batch in trainer.loaders.val:
+            logits = trainer.method.predict(batch.images.to(trainer.device)).cpu()
+            images.extend(batch.images)
+            masks.extend(batch.masks)
+            preds.extend(logits.argmax(1))
+            if len(images) >= count:
+                break
+    finally:
+        trainer.method.train()
+    n = min(count, len(images))
+    return overlay_grid_png(images[:n], masks[:n], preds[:n], trainer.loaders.info.num_classes, path)
