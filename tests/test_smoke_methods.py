@@ -59,6 +59,7 @@ def test_unsupervised_term_changes_student(name: str) -> None:
     method.train()
     labeled, unlabeled = make_probe_batches(seed=1)
     progress = Progress(TOTAL // 2, TOTAL)
+    method.probe_warmup(labeled, unlabeled, progress)
     out = method(labeled, unlabeled, progress)
     unsup = out.terms["unsup"]
     assert unsup.requires_grad, f"{name}: the unsupervised term has no graph"

@@ -97,6 +97,10 @@ class Method(nn.Module):
     def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
         raise NotImplementedError
 
+    def probe_warmup(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> None:
+        """Called by the smoke tests once before their single measured step, for methods whose unsupervised
+        target only exists after earlier steps (Temporal Ensembling's bank). Default: nothing."""
+
     def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
         """Optimizer groups: name -> torch param-group dicts (``params`` plus optional ``lr_mult``,
         ``optimizer`` ('sgd'|'adamw'|'adam'), ``lr``, ``betas``). Default: one group 'main' with every trainable
