@@ -1,0 +1,33 @@
+# Everything a fresh clone needs: `make tune` runs the headline study, `make test` runs the suite.
+# Each target builds .venv first (Python 3.10+; 3.11 tested) and reinstalls when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+METHOD ?= gcl
+
+.PHONY: setup tune train test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+tune: setup
+	$(BIN)/raysemi tune --method $(METHOD)
+
+train: setup
+	$(BIN)/raysemi train --method mt --dataset synthetic
+
+test: setup
+	$(BIN)/ruff check raysemi tests benchmarks
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check raysemi tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
