@@ -1,0 +1,242 @@
+"""The training loop's entry point: ``build_loaders`` turns a DataConfig into labelled, unlabelled and
+validation loaders plus the DataInfo a method may see.
+
+Training streams are infinite and sharded by :class:`InfiniteShardedSampler`; each sample's augmentation
+draws from a generator seeded by its ``sample_seed``, so the stream is a pure function of (seed, rank, world,
+position): resuming at ``start`` reproduces it exactly, with any number of loader workers.
+
+``ids`` in training batches are positions in the labelled (or unlabelled) subset, in ``[0, num_labeled)``
+(``[0, num_unlabeled)``), so per-sample banks sized by ``DataInfo.num_unlabeled`` can index by them; the
+dataset index of position ``p`` is ``split.unlabeled[p]`` (``split.labeled[p]``). Validation ``ids`` are
+dataset indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from raysemi.config import DataConfig
+from raysemi.data.batch import IGNORE_INDEX, collate
+from raysemi.data.boxes import box_channels, boxes_from_mask, crop_boxes
+from raysemi.data.datasets import SegDataset, build_dataset, train_split_name
+from raysemi.data.splits import Split, make_split
+from raysemi.data.transforms import eval_view, resize_pair, train_views
+from raysemi.errors import DataError
+from raysemi.methods.base import DataInfo
+
+EVAL_BATCH = 4
+UNLABELED_SEED_OFFSET = 7919
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one draw of one sample."""
+    state = np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+class InfiniteShardedSampler(Sampler):
+    """Yields ``(position, sample_seed)`` forever. Epoch ``e`` is a seeded permutation of ``range(n)``, padded by
+    wrap-around to a multiple of ``world``; rank ``r`` takes positions ``r::world`` (``ceil(n / world)`` per
+    epoch). ``start`` skips the samples this rank already consumed, without iterating over them."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        if n < 1:
+            raise DataError("cannot sample from an empty set")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside [0, {world})")
+        self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world, start
+        self.per_rank = math.ceil(n / world)
+
+    def epoch_positions(self, epoch: int) -> list[int]:
+        perm = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        ).tolist()
+        padded = (perm * math.ceil(self.per_rank * self.world / self.n))[: self.per_rank * self.world]
+        return padded[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = divmod(self.start, self.per_rank)
+        while True:
+            for position in self.epoch_positions(epoch)[skip:]:
+                yield position, sample_seed(self.seed, epoch, position)
+            epoch, skip = epoch + 1, 0
+
+
+class TrainView(Dataset):
+    """Augmented training samples of ``subset`` (dataset indices), addressed by ``(position, sample_seed)``."""
+
+    def __init__(
+        self,
+        dataset: SegDataset,
+        subset: Sequence[int],
+        crop_size: tuple[int, int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        resolution_scale: float = 1.0,
+        with_boxes: bool = False,
+        hide_labels: bool = False,
+        keep_eval_masks: bool = False,
+        strong: bool = True,
+    ) -> None:
+        self.dataset, self.subset = dataset, list(subset)
+        self.crop_size, self.scale_range = tuple(crop_size), tuple(scale_range)
+        self.resolution_scale, self.strong = resolution_scale, strong
+        self.with_boxes, self.hide_labels, self.keep_eval_masks = with_boxes, hide_labels, keep_eval_masks
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        position, seed = item
+        index = self.subset[position]
+        image, mask = resize_pair(*self.dataset.load(index), self.resolution_scale)
+        generator = torch.Generator().manual_seed(seed)
+        sample = train_views(image, mask, self.crop_size, generator, self.scale_range, strong=self.strong)
+        sample["ids"] = torch.tensor(position, dtype=torch.int64)
+        if self.with_boxes:
+            sample["box_channels"] = self._box_channels(index, sample)
+        if self.hide_labels:
+            if self.keep_eval_masks:
+                sample["eval_masks"] = sample["masks"]
+            sample["masks"] = torch.full_like(sample["masks"], IGNORE_INDEX)
+        return sample
+
+    def _box_channels(self, index: int, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        num_classes = self.dataset.num_classes
+        instances = self.dataset.instance_boxes(index)
+        if instances is not None:
+            original = self.dataset.image_size(index)
+            boxes = crop_boxes(instances, original, sample["geometry"], self.crop_size)
+        else:
+            background = self.dataset.background_class
+            boxes = boxes_from_mask(sample["masks"], num_classes, () if background is None else (background,))
+        return box_channels(boxes, num_classes, self.crop_size)
+
+
+class EvalView(Dataset):
+    """Validation samples at ``resolution_scale``, no augmentation; ``ids`` are dataset indices."""
+
+    def __init__(self, dataset: SegDataset, subset: Sequence[int], resolution_scale: float = 1.0) -> None:
+        self.dataset, self.subset, self.resolution_scale = dataset, list(subset), resolution_scale
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        index = self.subset[position]
+        sample = eval_view(*resize_pair(*self.dataset.load(index), self.resolution_scale))
+        sample["ids"] = torch.tensor(index, dtype=torch.int64)
+        return sample
+
+
+@dataclass
+class Loaders:
+    labeled: DataLoader
+    unlabeled: DataLoader
+    val: DataLoader
+    info: DataInfo
+    split: Split
+    dataset_name: str
+
+
+def dataset_options(data: DataConfig, split: str) -> dict[str, Any]:
+    """Dataset constructor options taken from the config (only the generated dataset has any)."""
+    if data.dataset != "synthetic":
+        return {}
+    count = data.synthetic_train if split == "train" else data.synthetic_val
+    return {"size": tuple(data.synthetic_size), "count": count}
+
+
+def _loader(dataset: Dataset, batch_size: int, data: DataConfig, sampler: Any = None) -> DataLoader:
+    workers = data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=collate,
+    )
+
+
+def build_loaders(
+    data: DataConfig,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    labeled_start: int = 0,
+    unlabeled_start: int = 0,
+    needs_boxes: bool = False,
+    keep_eval_masks: bool = True,
+) -> Loaders:
+    """Labelled and unlabelled infinite training loaders (own samplers, seeds derived from ``seed``) and a
+    validation loader sharded as ``range(rank, n, world)`` (no padding, so summed confusion matrices are exact).
+
+    ``*_start``: samples this rank already consumed from each stream (resume). With the ``all`` protocol (or a
+    list file that names every sample) the unlabelled set is the labelled set. ``keep_eval_masks`` adds the true
+    labels of unlabelled samples as ``eval_masks`` (logging only) when the dataset has labels."""
+    train_split = train_split_name(data.dataset, data.root)
+    train_set = build_dataset(data.dataset, train_split, data.root, **dataset_options(data, train_split))
+    val_set = build_dataset(data.dataset, data.val_split, data.root, **dataset_options(data, data.val_split))
+    if not val_set.has_labels:
+        raise DataError(f"dataset {data.dataset} split {data.val_split!r} has no labels to evaluate on")
+    if val_set.num_classes != train_set.num_classes:
+        raise DataError(
+            f"dataset {data.dataset}: split {data.val_split!r} has {val_set.num_classes} classes, "
+            f"{train_split!r} has {train_set.num_classes}"
+        )
+    split = make_split(train_set, data.labeled, data.split_seed)
+    unlabeled_subset = split.unlabeled or split.labeled
+
+    def train_view(subset: list[int], hide_labels: bool) -> TrainView:
+        return TrainView(
+            train_set,
+            subset,
+            data.crop_size,
+            data.scale_range,
+            data.resolution_scale,
+            with_boxes=needs_boxes,
+            hide_labels=hide_labels,
+            keep_eval_masks=keep_eval_masks and train_set.has_labels,
+        )
+
+    labeled_sampler = InfiniteShardedSampler(len(split.labeled), seed, rank, world, labeled_start)
+    unlabeled_sampler = InfiniteShardedSampler(
+        len(unlabeled_subset), seed + UNLABELED_SEED_OFFSET, rank, world, unlabeled_start
+    )
+    val_positions = list(range(len(val_set)))
+    if data.val_limit > 0:
+        val_positions = val_positions[: data.val_limit]
+    val_subset = val_positions[rank::world]
+    sizes = {val_set.image_size(i) for i in val_subset}
+    info = DataInfo(
+        num_classes=train_set.num_classes,
+        class_names=tuple(train_set.class_names),
+        background_class=train_set.background_class,
+        easy_classes=tuple(train_set.easy_classes),
+        num_unlabeled=len(unlabeled_subset),
+        num_labeled=len(split.labeled),
+        crop_size=tuple(data.crop_size),
+    )
+    return Loaders(
+        labeled=_loader(train_view(split.labeled, False), data.batch_size, data, labeled_sampler),
+        unlabeled=_loader(
+            train_view(unlabeled_subset, True),
+            data.unlabeled_batch_size or data.batch_size,
+            data,
+            unlabeled_sampler,
+        ),
+        val=_loader(
+            EvalView(val_set, val_subset, data.resolution_scale), EVAL_BATCH if len(sizes) <= 1 else 1, data
+        ),
+        info=info,
+        split=split,
+        dataset_name=data.dataset,
+    )
