@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from raysemi.data.batch import IGNORE_INDEX
@@ -200,6 +202,39 @@ def classmix_masks(argmax_maps: torch.Tensor) -> torch.Tensor:
         chosen = classes[torch.randperm(len(classes), device=classes.device)[:n_chosen]]
         masks[i, 0] = torch.isin(amap, chosen).float()
     return masks
+
+
+def paste_by_class(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    paste_images: torch.Tensor,
+    paste_labels: torch.Tensor,
+    classes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-wise copy-paste: where ``paste_labels`` is one of ``classes``, the paste image and label replace the
+    image and label. Returns the composed images, labels and the (B,H,W) bool paste region ``alpha``."""
+    alpha = torch.isin(paste_labels, classes)
+    composed = torch.where(alpha.unsqueeze(1), paste_images, images)
+    return composed, torch.where(alpha, paste_labels, labels), alpha
+
+
+def component_box_mask(label_map: torch.Tensor, cls: int, min_area: float = 0.0) -> torch.Tensor | None:
+    """(H,W) float mask, 1 on the bounding box of one connected component (8-connected, as skimage's ``label``)
+    of class ``cls`` in ``label_map``, chosen uniformly among those covering more than ``min_area`` of the image;
+    None when there is none."""
+    h, w = label_map.shape
+    components, count = ndimage.label((label_map == cls).cpu().numpy(), structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return None
+    areas = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    eligible = np.flatnonzero(areas > min_area * h * w)
+    if len(eligible) == 0:
+        return None
+    chosen = int(eligible[int(torch.randint(len(eligible), (1,)))])
+    rows, cols = ndimage.find_objects(components)[chosen]
+    mask = torch.zeros(h, w, device=label_map.device)
+    mask[rows, cols] = 1.0
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- distributed

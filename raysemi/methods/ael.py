@@ -1,0 +1,296 @@
+"""Adaptive Equalization Learning (Hu et al., NeurIPS 2021), after the SemiSeg-AEL reference code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysemi.data.batch import IGNORE_INDEX, Batch
+from raysemi.errors import ConfigError
+from raysemi.methods.base import (
+    DataInfo,
+    Hyperparameters,
+    Method,
+    ModelFactory,
+    Progress,
+    StepOutput,
+    register_method,
+)
+from raysemi.methods.components import (
+    all_gather_cat,
+    all_reduce_mean,
+    component_box_mask,
+    cross_entropy,
+    cutmix_box_masks,
+    ema_decay_at,
+    ema_update,
+    make_teacher,
+    mix,
+    ohem_cross_entropy,
+    paste_by_class,
+    pseudo_label_accuracy,
+    pseudo_labels,
+)
+
+
+@dataclass
+class AELHyper(Hyperparameters):
+    consist_weight: float = 1.0
+    gamma: float = 2.0
+    gamma2: float = 1.0
+    m_conf: float = 0.999
+    ema_decay: float = 0.99
+    ema_buffers: str = "own"
+    acp_classes: int = 3
+    paste_prob: float = 0.5
+    area_thresh: float = 0.005
+    area_thresh2: float = 0.01
+    threshold: float = 0.0
+    ohem: bool = True
+    ohem_thresh: float = 0.7
+    ohem_min_kept_fraction: float = 0.085
+    conf_skip_absent: bool = False
+    weights_count_ignored: bool = False
+    strong_view: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ema_buffers not in {"ema", "copy", "own"}:
+            raise ConfigError(f"method.ema_buffers: expected one of ema, copy, own, got {self.ema_buffers!r}")
+        if self.acp_classes < 1:
+            raise ConfigError(f"method.acp_classes: expected an integer >= 1, got {self.acp_classes}")
+
+
+def class_confidence(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class c: mean of ``probs[:, c]`` over pixels labelled c, pooled over the batch (0 if absent), and
+    whether c is present."""
+    valid = labels != IGNORE_INDEX
+    onehot = F.one_hot(labels[valid], probs.shape[1]).to(probs.dtype)
+    counts = onehot.sum(0)
+    sums = (probs.permute(0, 2, 3, 1)[valid] * onehot).sum(0)
+    return sums / counts.clamp_min(1.0), counts > 0
+
+
+def sampling_rates(conf: torch.Tensor, gamma2: float = 1.0) -> torch.Tensor:
+    """Adaptive equalization sampling rates ``((1 - Conf_c) / max(1 - Conf)) ^ gamma2``: 1 for the worst class."""
+    deficit = 1.0 - conf
+    return (deficit / deficit.max().clamp_min(1e-12)) ** gamma2
+
+
+def equalization_weights(
+    teacher_conf: torch.Tensor, keep: torch.Tensor, labelled: torch.Tensor, gamma: float, count_ignored: bool
+) -> torch.Tensor:
+    """Pixel weights ``conf^gamma * keep`` on pixels with a pseudo label, normalised by their sum over the batch
+    (over every kept pixel, pseudo-labelled or not, when ``count_ignored``, as in the reference)."""
+    raw = teacher_conf**gamma * keep.to(teacher_conf.dtype)
+    norm = raw.sum() if count_ignored else (raw * labelled).sum()
+    return raw * labelled / norm.clamp_min(1e-12)
+
+
+def bank_rows(label_maps: torch.Tensor, num_classes: int, min_area: float) -> torch.Tensor:
+    """(B, C) uint8: 1 where class c covers at least ``min_area`` of the image (255 pixels cover nothing)."""
+    counts = F.one_hot(label_maps.clamp_max(num_classes), num_classes + 1).sum((1, 2))[:, :num_classes]
+    return (counts >= min_area * label_maps[0].numel()).to(torch.uint8)
+
+
+def adaptive_cutmix(
+    images: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    label_maps: torch.Tensor,
+    has_class: torch.Tensor,
+    conf: torch.Tensor,
+    area_thresh: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample i is image 1 of one mix: ``c* ~ softmax(1 - Conf)``, image 2 drawn among the other samples
+    whose ``has_class`` (B, C) row holds c* (any other sample if none), box = bounding box of a random component
+    of c* in image 2's label map, else a random 50% box. Returns mixed images and teacher logits, the (B,1,H,W)
+    masks (1 = image 2) and the partner indices."""
+    b = len(images)
+    cls = torch.multinomial(F.softmax(1.0 - conf, dim=0), b, replacement=True)
+    partners, masks = [], []
+    for i in range(b):
+        others = [j for j in range(b) if j != i] or [i]
+        pool = [j for j in others if has_class[j, cls[i]]] or others
+        j = pool[int(torch.randint(len(pool), (1,)))]
+        box = component_box_mask(label_maps[j], int(cls[i]), area_thresh)
+        if box is None:
+            box = 1.0 - cutmix_box_masks(1, tuple(images.shape[-2:]), device=images.device)[0, 0]
+        partners.append(j)
+        masks.append(box)
+    partner = torch.tensor(partners, device=images.device)
+    m = torch.stack(masks).unsqueeze(1)
+    return mix(images, images[partner], m), mix(teacher_logits, teacher_logits[partner], m), m, partner
+
+
+@register_method("ael")
+class AEL(Method):
+    """Adaptive Equalization Learning (Hu et al., NeurIPS 2021; method spec section 9).
+
+    Mean teacher (EMA of parameters, warm-up decay; teacher BN statistics from its own train-mode forwards) with a
+    class confidence bank ``conf`` (C,) and a binary unlabelled class bank ``bank`` (C x N_u). Per step: adaptive
+    copy-paste of classes Q ~ ``softmax(sqrt(1 - conf))`` (``DataInfo.easy_classes`` excluded) from labelled
+    sample (i+1) mod B into sample i; adaptive CutMix of the unlabelled batch (c* ~ softmax(1 - conf), bounding
+    box of a connected component of c*, teacher logits mixed with the same mask); OHEM on labelled images;
+    ``conf`` EMA-updated from the student's labelled probabilities; on labelled and mixed images, CE to the
+    teacher's pseudo labels on pixels kept at rate ``sampling_rates(conf)`` of their student argmax, weighted
+    by ``teacher_conf^gamma`` normalised to sum 1; ``L = L_sup + consist_weight * (L_u(labelled) +
+    L_u(mixed))``. The teacher is evaluated (the student is logged as ``student``).
+
+    Fields: consist_weight (lambda), gamma (re-weighting power), gamma2 (sampling sharpness), m_conf (bank
+    momentum), ema_decay, ema_buffers (ema|copy|own), acp_classes (classes drawn per step for copy-paste),
+    paste_prob (chance a labelled sample receives a paste), area_thresh (min component area for the CutMix
+    box), area_thresh2 (min class area for the bank), threshold (pseudo-label confidence, 0 = off), ohem,
+    ohem_thresh, ohem_min_kept_fraction (OHEM min_kept as a fraction of the labelled batch's pixels),
+    conf_skip_absent (leave conf of classes absent from the batch unchanged), weights_count_ignored (ignored
+    pixels count in the weight normalisation, as in the reference), strong_view (mix the strong views).
+
+    Deviations: no auxiliary FCN head (its 0.4-weighted loss needs DeepLabv3+ features). OHEM ``min_kept`` is a
+    fraction of the labelled batch's pixels (0.085 ~ the reference's 100000 of 2 x 769^2), meaningful on small
+    crops. Every unlabelled sample is image 1 of its own mix (the reference mixes one per GPU); image 2 is
+    another sample of the same batch (the reference samples the whole dataset through the bank), drawn after
+    the bank is refreshed from this batch's teacher argmax; no box padding/slimming (both reference configs
+    disable it). The paste partner is the next labelled sample with its usual augmentation (the reference
+    loads a random labelled image rescaled 0.1-2.0). ``conf`` starts uniform at random from the global RNG
+    (DDP broadcasts rank 0's buffers); its per-class batch means are averaged over workers (absent = 0) and
+    ``bank`` rows all-gathered (equal unlabelled batch sizes per worker), where the reference keeps one bank per
+    GPU; ``conf`` is updated inside the step before the losses, as in the reference (the spec lists it after
+    the step). Weights are normalised over pseudo-labelled pixels so they sum to 1 (equal to the reference at
+    threshold 0; ``weights_count_ignored`` restores it otherwise). Padded pixels get no pseudo label and no bank
+    area. Student and teacher run separate forwards on labelled and mixed images (as the reference; separate
+    BN statistics) and the student sees the mixed weak views by default (the reference's CutMix path has no
+    photometric augmentation). Losses are not divided by the world size on top of DDP averaging (the reference
+    does). VOC reference configs use threshold 0.7 and 1 paste class; defaults here follow Cityscapes.
+    """
+
+    Hyper = AELHyper
+
+    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: AELHyper) -> None:
+        super().__init__(model_factory, info, hparams)
+        if info.num_unlabeled < 1:
+            raise ConfigError("ael needs DataInfo.num_unlabeled >= 1 to size its unlabelled class bank")
+        self.net = model_factory()
+        self.teacher = make_teacher(self.net)
+        self.register_buffer("conf", torch.rand(info.num_classes))
+        self.register_buffer("bank", torch.zeros(info.num_classes, info.num_unlabeled, dtype=torch.uint8))
+        self.paste_candidates = [c for c in range(info.num_classes) if c not in set(info.easy_classes)]
+
+    def student(self) -> nn.Module:
+        return self.net
+
+    def eval_model(self) -> nn.Module:
+        return self.teacher
+
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        return {"student": self.net}
+
+    def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
+        hp = self.hp
+        images_l, masks_l, valid_l, pasted = self._copy_paste(labeled)
+        with torch.no_grad():
+            teacher_l = self.teacher(images_l)
+            teacher_u = self.teacher(unlabeled.images)
+            valid_u = _valid(unlabeled)
+            argmax_u = torch.where(valid_u, teacher_u.argmax(1), IGNORE_INDEX)
+            self._update_bank(unlabeled.ids, bank_rows(argmax_u, self.info.num_classes, hp.area_thresh2))
+            strong = hp.strong_view and unlabeled.strong_images is not None
+            source = unlabeled.strong_images if strong else unlabeled.images
+            has_class = self.bank[:, unlabeled.ids].T.bool()
+            images_mix, target_mix, box, partner = adaptive_cutmix(
+                source, teacher_u, argmax_u, has_class, self.conf, hp.area_thresh
+            )
+            valid_mix = mix(valid_u, valid_u[partner], box)
+        logits_l = self.net(images_l)
+        logits_mix = self.net(images_mix)
+        if hp.ohem:
+            min_kept = round(hp.ohem_min_kept_fraction * masks_l.numel())
+            loss_sup = ohem_cross_entropy(logits_l, masks_l, hp.ohem_thresh, min_kept)
+        else:
+            loss_sup = cross_entropy(logits_l, masks_l)
+        self._update_conf(logits_l.detach().softmax(1), masks_l)
+        loss_u_l, pl_l, logs_l = self._equalized_loss(logits_l, teacher_l, valid_l)
+        loss_u_mix, pl_mix, logs_mix = self._equalized_loss(logits_mix, target_mix, valid_mix)
+        loss_unsup = hp.consist_weight * (loss_u_l + loss_u_mix)
+        logs = {f"{k}_labeled": v for k, v in logs_l.items()} | logs_mix
+        logs["loss_u_labeled"], logs["loss_u_mixed"] = float(loss_u_l.detach()), float(loss_u_mix.detach())
+        logs["paste_fraction"] = float(pasted.float().mean())
+        logs["conf_min"], logs["conf_max"] = float(self.conf.min()), float(self.conf.max())
+        logs["bank_fill"] = float(self.bank.float().mean())
+        logs["ema_decay"] = ema_decay_at(progress.iteration, hp.ema_decay)
+        truth_u = unlabeled.eval_masks
+        truth_mix = None if truth_u is None else mix(truth_u, truth_u[partner], box)
+        for key, acc in (
+            ("pl_acc_labeled", pseudo_label_accuracy(pl_l, masks_l)),
+            ("pl_acc", pseudo_label_accuracy(pl_mix, truth_mix)),
+        ):
+            if acc is not None:
+                logs[key] = acc
+        return StepOutput(
+            losses={"main": loss_sup + loss_unsup}, terms={"sup": loss_sup, "unsup": loss_unsup}, logs=logs
+        )
+
+    def after_step(self, progress: Progress) -> None:
+        decay = ema_decay_at(progress.iteration, self.hp.ema_decay)
+        ema_update(self.teacher, self.net, decay, self.hp.ema_buffers)
+
+    @torch.no_grad()
+    def _copy_paste(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adaptive copy-paste: classes Q drawn from ``softmax(sqrt(1 - conf))`` over the paste candidates."""
+        valid = _valid(batch)
+        if not self.paste_candidates:
+            return batch.images, batch.masks, valid, torch.zeros_like(valid)
+        candidates = torch.tensor(self.paste_candidates, device=self.conf.device)
+        probs = F.softmax((1.0 - self.conf[candidates]).sqrt(), dim=0)
+        query = candidates[torch.multinomial(probs, self.hp.acp_classes, replacement=True)].unique()
+        partner = (torch.arange(len(batch), device=query.device) + 1) % len(batch)
+        receives = torch.rand(len(batch), device=query.device) < self.hp.paste_prob
+        paste_labels = torch.where(receives[:, None, None], batch.masks[partner], IGNORE_INDEX)
+        images, masks, alpha = paste_by_class(
+            batch.images, batch.masks, batch.images[partner], paste_labels, query
+        )
+        return images, masks, torch.where(alpha, valid[partner], valid), alpha
+
+    @torch.no_grad()
+    def _update_conf(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        values, present = class_confidence(probs, labels)
+        stats = all_reduce_mean(torch.stack([values, present.to(values.dtype)]))
+        m = self.hp.m_conf
+        if self.hp.conf_skip_absent:
+            seen = stats[1] > 0
+            update = m * self.conf + (1.0 - m) * stats[0] / stats[1].clamp_min(1e-12)
+            self.conf.copy_(torch.where(seen, update, self.conf))
+        else:
+            self.conf.mul_(m).add_(stats[0], alpha=1.0 - m)
+        self.conf.clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def _update_bank(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self.bank[:, all_gather_cat(ids)] = all_gather_cat(rows).T
+
+    def _equalized_loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        hp = self.hp
+        with torch.no_grad():
+            probs = teacher_logits.softmax(1)
+            teacher_conf = probs.max(1).values
+            labels = torch.where(valid, pseudo_labels(probs, hp.threshold), IGNORE_INDEX)
+            labelled = (labels != IGNORE_INDEX).to(probs.dtype)
+            rates = sampling_rates(self.conf, hp.gamma2)[student_logits.argmax(1)]
+            keep = torch.rand_like(rates) < rates
+            weights = equalization_weights(teacher_conf, keep, labelled, hp.gamma, hp.weights_count_ignored)
+        ce = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        kept = keep.to(probs.dtype) * labelled
+        logs = {
+            "mask_ratio": float(labelled.mean()),
+            "kept_fraction": float(kept.sum() / labelled.sum().clamp_min(1.0)),
+            "weight_mean": float((teacher_conf**hp.gamma * kept).sum() / kept.sum().clamp_min(1.0)),
+        }
+        return (weights * ce).sum(), labels, logs
+
+
+def _valid(batch: Batch) -> torch.Tensor:
+    if batch.valid is not None:
+        return batch.valid
+    return torch.ones_like(batch.masks, dtype=torch.bool)
