@@ -102,7 +102,8 @@ class SelfCorrection(Method):
     on F alone. (3) to the end: W is added. Losses in stage 3:
     linear: ``q = softmax((log sg(p) + alpha_t log p_anc)/(1 + alpha_t))``, ``L = CE_F + w_weight soft-CE(p_W, q)``;
     conv: ``L = CE(p_F, y_F) + CE(q_conv(sg p_F, p_anc_F), y_F) + w_weight soft-CE(p_W, sg q_conv(sg p_W, p_anc_W))``.
-    The primary model is evaluated (image only).
+    The primary model is evaluated (image only); the ancillary is not offered as an extra evaluation network
+    because the evaluation loop feeds images without box channels.
 
     Hyperparameters: correction (linear | conv); ancillary_stage (fraction of T for ancillary pre-training);
     f_only_stage (conv: fraction of T with primary + correction net on F only); ancillary_f_fraction (conv: part of
@@ -120,7 +121,8 @@ class SelfCorrection(Method):
     ReLU, and on F receives the primary's output detached (so its CE trains only the correction net, keeping the
     optimizer groups separate); it runs once over F and W (shared BN batch statistics), its W half detached. The
     ancillary subset of F is a deterministic rule on ``labeled.ids`` (see ``in_ancillary_subset``), not a stored
-    split; the re-implementation's half split is random.
+    split; the re-implementation's half split is random. Stage lengths (0.3 and 0.1 of T) and the conv default
+    are project choices: the paper trains the ancillary to convergence in a separate run.
     """
 
     Hyper = SelfCorrectionHyper
