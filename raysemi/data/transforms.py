@@ -41,12 +41,15 @@ def _resize(
     image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     resized_image = F.resize(tv_tensors.Image(image), list(size), antialias=True)
-    resized_mask = F.resize(tv_tensors.Mask(mask), list(size))  # Mask kernels always use nearest
+    # nearest-exact samples pixel centres like the bilinear image kernel, so labels stay aligned at any scale
+    resized_mask = F.resize(
+        tv_tensors.Mask(mask), list(size), interpolation=F.InterpolationMode.NEAREST_EXACT
+    )
     return resized_image.as_subclass(torch.Tensor), resized_mask.as_subclass(torch.Tensor)
 
 
 def resize_pair(image: torch.Tensor, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize by ``scale`` (``DataConfig.resolution_scale``): antialiased bilinear image, nearest mask."""
+    """Resize by ``scale`` (``DataConfig.resolution_scale``): antialiased bilinear image, nearest(-exact) mask."""
     if scale == 1.0:
         return image, mask
     height, width = image.shape[-2:]
