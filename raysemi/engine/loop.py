@@ -98,6 +98,8 @@ def build_optimizers(method: Method, cfg: Config, lr: float) -> dict[str, torch.
             mult = cfg.optim.head_lr_mult if mult == "head" else float(mult)
             base = float(group["lr"]) if "lr" in group else lr * mult
             extra = {"betas": tuple(group["betas"])} if "betas" in group and kind != "sgd" else {}
+            if "weight_decay" in group:
+                extra["weight_decay"] = float(group["weight_decay"])
             param_groups.append({"params": list(group["params"]), "lr": base, "initial_lr": base, **extra})
         if kind == "sgd":
             opt = torch.optim.SGD(param_groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -146,7 +148,7 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.out)
         self.runtime = runtime or Runtime(self.out_dir)
-        self.callbacks = callbacks if self.runtime.is_main else []
+        self.callbacks = (callbacks or []) if self.runtime.is_main else []
         self.device = self.runtime.device(cfg)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -268,7 +270,10 @@ class Trainer:
         if isinstance(total, torch.Tensor):
             self.scaler.scale(total).backward()
             for opt in self.optimizers.values():
-                self.scaler.step(opt)
+                # A group idle in this stage (selfcorr's ancillary after pre-training) has no gradients; the AMP
+                # scaler refuses to step an optimizer it recorded no inf-checks for.
+                if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+                    self.scaler.step(opt)
             self.scaler.update()
         self.method.after_step(progress)
         logs = {f"loss/{k}": float(v.detach()) for k, v in out.terms.items()}
