@@ -1,0 +1,116 @@
+"""Pi-model: hand-computed consistency and gradients, the no-noise invariant and the weight-0 check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raysemi.data.batch import Batch
+from raysemi.errors import ConfigError
+from raysemi.methods import Progress, build_method
+from raysemi.methods.base import DataInfo
+from raysemi.models import build_model
+from tests.conftest import PROBE_CLASSES, make_probe_batches, probe_info
+
+LN3 = math.log(3.0)
+
+
+class ScaledChannels(nn.Module):
+    """Logits = scale * the first two input channels: predictions are known by hand, one trainable scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x[:, :2]
+
+
+def _batch(first: tuple[float, float], second: tuple[float, float], labelled: bool) -> Batch:
+    """One 2x2 image whose logits are ``first`` on the weak view and ``second`` on the strong view, class 0."""
+    weak = torch.tensor([*first, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    strong = torch.tensor([*second, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    masks = torch.zeros(1, 2, 2, dtype=torch.long) if labelled else torch.full((1, 2, 2), 255)
+    return Batch(
+        weak, masks, torch.zeros(1, dtype=torch.long), strong_images=strong, valid=torch.ones(1, 2, 2).bool()
+    )
+
+
+def _pi(**hparams):
+    return build_method("pi", lambda in_channels=3: ScaledChannels(), DataInfo(num_classes=2), hparams)
+
+
+def test_consistency_and_total_match_hand_values() -> None:
+    # weak logits (0, 0) -> p = (0.5, 0.5); strong (ln 3, 0) -> q = (0.75, 0.25): squared errors 0.0625 each
+    method = _pi(cons_weight=10.0, rampup_length=0.3)
+    out = method(_batch((0, 0), (LN3, 0), True), _batch((0, 0), (LN3, 0), False), Progress(5, 10))
+    assert out.logs["ramp"] == 1.0
+    assert out.logs["cons_raw"] == pytest.approx(0.0625)
+    assert float(out.terms["unsup"].detach()) == pytest.approx(0.625)
+    assert float(out.terms["sup"].detach()) == pytest.approx(math.log(2.0))
+    assert float(out.losses["main"].detach()) == pytest.approx(math.log(2.0) + 0.625)
+
+
+def test_sigmoid_rampup_scales_the_term() -> None:
+    method = _pi(cons_weight=10.0, rampup_length=0.5)
+    out = method(_batch((0, 0), (LN3, 0), True), _batch((0, 0), (LN3, 0), False), Progress(0, 10))
+    assert float(out.terms["unsup"].detach()) == pytest.approx(10.0 * math.exp(-5.0) * 0.0625)
+
+
+def test_padded_pixels_carry_no_consistency() -> None:
+    labelled, unlabelled = _batch((0, 0), (LN3, 0), True), _batch((0, 0), (LN3, 0), False)
+    for batch in (labelled, unlabelled):
+        batch.valid[:, 0, :] = False
+    out = _pi(cons_weight=1.0)(labelled, unlabelled, Progress(5, 10))
+    assert out.logs["cons_raw"] == pytest.approx(0.0625 / 2)
+
+
+@pytest.mark.parametrize(("detach", "expected"), [(True, 0.1875 * LN3), (False, 0.375 * LN3)])
+def test_gradient_reaches_the_target_branch_only_when_not_detached(detach: bool, expected: float) -> None:
+    # p = sigmoid(s ln3) = 0.75 and q = sigmoid(-s ln3) = 0.25 at s = 1; dp/ds = 0.1875 ln3 = -dq/ds;
+    # L = mean_c (p_c - q_c)^2 = (p - q)^2 = 0.25, dL/ds = 2 (p - q) (dp/ds - dq/ds if q has gradient)
+    method = _pi(cons_weight=1.0, pi_detach_target=detach)
+    out = method(_batch((LN3, 0), (-LN3, 0), True), _batch((LN3, 0), (-LN3, 0), False), Progress(5, 10))
+    assert out.logs["cons_raw"] == pytest.approx(0.25)
+    (grad,) = torch.autograd.grad(out.terms["unsup"], [method.net.scale])
+    assert float(grad) == pytest.approx(expected, rel=1e-5)
+
+
+def _tiny(in_channels: int = 3) -> nn.Module:
+    return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8)
+
+
+def _tiny_pi(**hparams):
+    torch.manual_seed(0)
+    return build_method("pi", _tiny, probe_info(), hparams)
+
+
+def test_no_noise_gives_zero_consistency_and_dropout_alone_does_not() -> None:
+    labelled, unlabelled = make_probe_batches(seed=3)
+    for batch in (labelled, unlabelled):
+        batch.strong_images = batch.images
+    method = _tiny_pi()
+    method.eval()
+    assert float(method(labelled, unlabelled, Progress(5, 10)).terms["unsup"].detach()) == 0.0
+    method.train()
+    assert float(method(labelled, unlabelled, Progress(5, 10)).terms["unsup"].detach()) > 0.0
+
+
+def test_weight_zero_leaves_the_supervised_loss() -> None:
+    labelled, unlabelled = make_probe_batches(seed=4)
+    method = _tiny_pi(cons_weight=0.0)
+    method.eval()
+    out = method(labelled, unlabelled, Progress(5, 10))
+    torch.manual_seed(0)
+    baseline = build_method("supervised", _tiny, probe_info(), {}).eval()
+    reference = baseline(labelled, unlabelled, Progress(5, 10)).losses["main"]
+    assert float(out.terms["unsup"].detach()) == 0.0
+    assert torch.allclose(out.losses["main"], reference, atol=1e-6)
+
+
+def test_unknown_rampup_kind_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="method.rampup_kind"):
+        _pi(rampup_kind="step")
