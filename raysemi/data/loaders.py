@@ -95,24 +95,27 @@ class TrainView(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         position, seed = item
         index = self.subset[position]
-        image, mask = resize_pair(*self.dataset.load(index), self.resolution_scale)
+        image, mask = self.dataset.load(index)
+        original_size = (int(image.shape[-2]), int(image.shape[-1]))
+        image, mask = resize_pair(image, mask, self.resolution_scale)
         generator = torch.Generator().manual_seed(seed)
         sample = train_views(image, mask, self.crop_size, generator, self.scale_range, strong=self.strong)
         sample["ids"] = torch.tensor(position, dtype=torch.int64)
         if self.with_boxes:
-            sample["box_channels"] = self._box_channels(index, sample)
+            sample["box_channels"] = self._box_channels(index, original_size, sample)
         if self.hide_labels:
             if self.keep_eval_masks:
                 sample["eval_masks"] = sample["masks"]
             sample["masks"] = torch.full_like(sample["masks"], IGNORE_INDEX)
         return sample
 
-    def _box_channels(self, index: int, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _box_channels(
+        self, index: int, original_size: tuple[int, int], sample: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         num_classes = self.dataset.num_classes
         instances = self.dataset.instance_boxes(index)
         if instances is not None:
-            original = self.dataset.image_size(index)
-            boxes = crop_boxes(instances, original, sample["geometry"], self.crop_size)
+            boxes = crop_boxes(instances, original_size, sample["geometry"], self.crop_size)
         else:
             background = self.dataset.background_class
             boxes = boxes_from_mask(sample["masks"], num_classes, () if background is None else (background,))
@@ -163,6 +166,9 @@ def _loader(dataset: Dataset, batch_size: int, data: DataConfig, sampler: Any = 
         num_workers=workers,
         persistent_workers=workers > 0,
         collate_fn=collate,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which
+        # creates its iterators at a later step) would diverge from an uninterrupted one.
+        generator=torch.Generator(),
     )
 
 
