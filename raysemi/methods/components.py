@@ -169,7 +169,8 @@ def cutmix_box_masks(
             if random_aspect:
                 u = float(torch.rand(1))
                 h_frac = r**u
-                w_frac = r / h_frac
+                # r = 0 (Cutout's U(0, 1) can draw it) is an empty box, not a division by zero
+                w_frac = r / h_frac if h_frac > 0 else 0.0
             else:
                 h_frac = w_frac = math.sqrt(r)
             bh = int(round(h_frac * scale * h))
@@ -187,6 +188,12 @@ def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.squeeze(1) if mask.dim() == a.dim() + 1 else mask
         return torch.where(m.bool(), b, a)
     return a * (1.0 - mask) + b * mask
+
+
+def mix_with_next(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mix sample i with sample (i + 1) mod B of the same batch, ``x_i * (1 - M_i) + x_(i+1) * M_i``: pairs two
+    halves of one unlabelled batch where the references draw two independent unlabelled batches."""
+    return mix(x, torch.roll(x, shifts=-1, dims=0), mask)
 
 
 def classmix_masks(argmax_maps: torch.Tensor) -> torch.Tensor:
