@@ -11,12 +11,16 @@ from raysemi.engine.loop import Callback, Trainer
 
 
 class ProgressCallback(Callback):
+    """A live bar on a terminal; elsewhere (logs, CI) one line per evaluation."""
+
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar: tqdm | None = None
         self.miou: float | None = None
 
     def on_start(self, trainer: Trainer) -> None:
+        if not sys.stderr.isatty():
+            return
         self.bar = tqdm(total=self.total, initial=trainer.iteration, desc=trainer.cfg.method_name, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
@@ -30,6 +34,8 @@ class ProgressCallback(Callback):
 
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
         self.miou = metrics.get("val/miou")
+        if self.bar is None:
+            print(f"iteration {iteration}/{self.total}: val mIoU {self.miou:.4f}", file=sys.stderr)
 
     def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         if self.bar is not None:

@@ -1,0 +1,124 @@
+"""CLI: every bad input gets one clear line on stderr and exit code 2; listings and a JSON training run work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysemi.cli import main
+
+TINY_RUN = [
+    "--model", "tiny", "--iters", "2", "--batch-size", "2", "--no-mlflow",
+    "--set", "data.crop_size=[16,16]", "--set", "data.synthetic_size=[16,16]",
+    "--set", "data.synthetic_train=16", "--set", "data.synthetic_val=2",
+]
+
+
+def make_folder_dataset(root: Path, bad: str | None = None) -> Path:
+    """A 3-class folder dataset with 8 train and 2 val images; ``bad`` plants one defect in train."""
+    rng = np.random.default_rng(0)
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    for split, count in (("train", 8), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(count):
+            mask = rng.integers(0, 3, (12, 12)).astype(np.uint8)
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{i}.png")
+    target = root / "masks" / "train" / "0.png"
+    if bad == "size":
+        Image.fromarray(np.zeros((10, 12), np.uint8)).save(target)
+    if bad == "label":
+        Image.fromarray(np.full((12, 12), 7, np.uint8)).save(target)
+    return root
+
+
+def run_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'; valid: "),
+        (["--method", "mt", "--model", "nope"], "unknown model 'nope'; valid: "),
+        (["--method", "mt", "--dataset", "nope"], "unknown dataset 'nope'; valid: "),
+        (["--method", "mt", "--dataset", "camvid", "--data-root", "/no/such/dir"], "/no/such/dir: dataset root not found"),
+        (["--method", "mt", "--set", "method.nope=1"], "method.nope: not a hyperparameter of 'mt'"),
+        (["--method", "mt", "--set", "train.nope=1"], "train.nope: unknown key"),
+    ],
+)
+def test_bad_arguments_give_one_line(capsys, tmp_path: Path, args: list[str], message: str) -> None:
+    err = run_error(capsys, ["train", *TINY_RUN, *args, "--out", str(tmp_path / "run")])
+    assert message in err
+
+
+@pytest.mark.parametrize(("bad", "message"), [("size", "0.png"), ("label", "0.png")])
+def test_bad_data_names_the_file(capsys, tmp_path: Path, bad: str, message: str) -> None:
+    root = make_folder_dataset(tmp_path / "data", bad)
+    err = run_error(capsys, ["train", "--method", "supervised", "--dataset", "folder", "--data-root", str(root), "--labeled", "all", *TINY_RUN, "--out", str(tmp_path / "run")])
+    assert message in err and ("size" in err or "label" in err)
+
+
+def test_empty_split_and_bad_yaml(capsys, tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "data")
+    listed = tmp_path / "labeled.txt"
+    listed.write_text("")
+    err = run_error(capsys, ["train", "--method", "mt", "--dataset", "folder", "--data-root", str(root), "--labeled", str(listed), *TINY_RUN, "--out", str(tmp_path / "run")])
+    assert "labelled" in err or "empty" in err
+    config = tmp_path / "bad.yaml"
+    config.write_text("method: {name: mt\n")
+    err = run_error(capsys, ["train", "--config", str(config), *TINY_RUN])
+    assert "bad.yaml" in err
+
+
+def test_corrupt_checkpoint_is_one_line_and_left_in_place(capsys, tmp_path: Path) -> None:
+    bad = tmp_path / "state.pt"
+    bad.write_bytes(b"not a checkpoint")
+    err = run_error(capsys, ["eval", "--checkpoint", str(bad)])
+    assert "corrupt or unreadable checkpoint" in err
+    assert bad.read_bytes() == b"not a checkpoint"
+    err = run_error(capsys, ["eval", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert "checkpoint not found" in err
+
+
+def test_train_json_then_eval_on_a_folder_dataset(capsys, tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--method", "mt", "--dataset", "folder", "--data-root", str(root), "--labeled", "2", *TINY_RUN, "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "mt" and summary["iterations"] == 2
+    assert 0.0 <= summary["val_miou"] <= 1.0
+    assert main(["eval", "--checkpoint", summary["checkpoint"], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_miou"] == pytest.approx(summary["val_miou"])
+
+
+def test_listings(capsys) -> None:
+    assert main(["methods", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["mt"]["hyperparameters"]["ema_decay"] == 0.99
+    assert main(["models"]) == 0 and "tiny" in capsys.readouterr().out
+    assert main(["datasets"]) == 0 and "synthetic" in capsys.readouterr().out
+
+
+def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysemi.cli", "train", "--method", "nope", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown method 'nope'" in proc.stderr

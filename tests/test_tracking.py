@@ -1,0 +1,29 @@
+"""MLflow: a training run is readable back from the sqlite store, with params, metrics and artifacts."""
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from raysemi.engine.loop import fit
+from raysemi.engine.tracking import MlflowCallback
+from tests.test_loop import small_config
+
+
+def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path / "runs" / "mt", iters=4, eval_every=2)
+    cfg.tracking.enabled = True
+    callback = MlflowCallback(cfg)
+    summary = fit(cfg, callbacks=[callback])
+    assert callback.uri == f"sqlite:///{(tmp_path / 'runs' / 'mlruns.db').resolve()}"
+    client = MlflowClient(callback.uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "mt"
+    assert run.data.params["data.eval_mode"] == "whole"
+    assert run.data.params["split_digest"] == summary["split_digest"]
+    assert run.data.metrics["val/miou"] == summary["val_miou"]
+    history = client.get_metric_history(run.info.run_id, "loss/sup")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "per_class_iou.csv", "confusion_matrix.png", "predictions.png", "summary.json", "split"} <= artifacts
