@@ -107,3 +107,30 @@ def test_all_protocol_uses_labelled_set_as_unlabelled() -> None:
     loaders = build_loaders(everything, seed=0)
     assert loaders.info.num_labeled == loaders.info.num_unlabeled == 40
     assert (next(iter(loaders.unlabeled)).masks == 255).all()
+
+
+def test_instance_boxes_follow_the_crop_and_survive_hidden_labels(tmp_path) -> None:
+    from raysemi.data.datasets import build_dataset
+    from raysemi.data.loaders import TrainView
+    from tests.test_data_datasets import make_voc_tree
+
+    make_voc_tree(tmp_path)
+    view = TrainView(
+        build_dataset("voc", "train_aug", tmp_path),
+        [0],
+        (10, 12),
+        (1.0, 1.0),
+        with_boxes=True,
+        hide_labels=True,
+    )
+    flips = set()
+    for seed in range(8):
+        sample = view[(0, seed)]
+        flipped = bool(sample["geometry"][4])
+        flips.add(flipped)
+        dog = torch.zeros(10, 12)
+        dog[0:2, slice(10, 12) if flipped else slice(0, 2)] = 1
+        assert torch.equal(sample["box_channels"][12], dog)
+        assert sample["box_channels"][15, 2:6, 3:9].all() and sample["box_channels"][15].sum() == 24
+        assert (sample["masks"] == 255).all()
+    assert flips == {False, True}

@@ -551,8 +551,8 @@ def generate_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.
 
     # Background: a two-colour gradient plus coarse noise plus distractor blobs (labelled background).
     start, end = (
-        _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.2, 0.9)),
-        _hsv(rng.random(), rng.uniform(0, 0.6), rng.uniform(0.2, 0.9)),
+        _hsv(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.2, 0.9)),
+        _hsv(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.2, 0.9)),
     )
     direction = rng.uniform(0, 2 * np.pi)
     ramp = (xs * np.cos(direction) + ys * np.sin(direction)) / scale
@@ -562,7 +562,7 @@ def generate_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.
     image += np.kron(coarse, np.ones((-(-height // 4), -(-width // 4), 1), np.float32))[:height, :width]
     mask = np.zeros((height, width), dtype=np.uint8)
 
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(0, 3)):
         blob = ((ys - rng.uniform(0, height)) / (scale * rng.uniform(0.05, 0.2))) ** 2 + (
             (xs - rng.uniform(0, width)) / (scale * rng.uniform(0.05, 0.2))
         ) ** 2 <= 1
@@ -572,9 +572,9 @@ def generate_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.
     for _ in range(rng.integers(2, 6)):
         cls = int(rng.integers(1, shape_classes + 1))
         preferred_hue = (cls - 1) / shape_classes
-        hue = preferred_hue + rng.normal(0, 0.12)
-        texture = (cls - 1) % 4 if rng.random() < 0.5 else int(rng.integers(0, 4))
-        region = _shape(rng, cls, ys, xs, scale * rng.uniform(0.1, 0.3))
+        hue = preferred_hue + rng.normal(0, 0.06)
+        texture = (cls - 1) % 4 if rng.random() < 0.75 else int(rng.integers(0, 4))
+        region = _shape(rng, cls, ys, xs, scale * rng.uniform(0.12, 0.32))
         colours = _paint(rng, hue, texture, ys, xs, scale)
         image[region] = colours[region]
         mask[region] = cls
