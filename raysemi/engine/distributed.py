@@ -1,0 +1,428 @@
+"""Ray Train: the plain loop (``raysemi.engine.loop.Trainer``) run data-parallel by a ``TorchTrainer``.
+
+Every worker builds the same ``Trainer`` with a :class:`RayRuntime`: its loaders shard the labelled, unlabelled and
+validation streams by rank (deterministically, so no ``prepare_data_loader``), the method is wrapped in
+DistributedDataParallel (``find_unused_parameters``: methods have stage-dependent unused parameters), and the
+all-reduce helpers of ``raysemi.methods.components`` keep method state (banks, counters) and the confusion matrix
+consistent. CPU workers talk over gloo, GPU workers (one GPU each) over NCCL.
+
+Scaling rule: each worker takes ``data.batch_size`` labelled and ``data.unlabeled_batch_size`` (default: the same)
+unlabelled images per step, so the global batch is ``workers x batch_size``. The LR follows ``optim.lr_scaling``
+relative to ``optim.base_batch`` (``loop.scaled_lr``): ``linear`` = lr x global / base, ``sqrt`` =
+lr x sqrt(global / base), ``none`` = lr. Iterations are optimizer steps, so ``train.iters`` is the same whatever
+the number of workers; more workers see more images per step.
+
+Checkpoints: at every checkpoint point rank 0 writes one ``state.pt`` (the plain loop's format, plus every rank's
+RNG state, so an interrupted run continues each rank's random stream exactly) and reports it to Ray; the other ranks
+report metrics only. Ray keeps the best ``KEEP_CHECKPOINTS`` by ``val/miou`` plus the latest under
+``<storage>/<run name>`` (storage: ``distributed.storage`` or ``<out>/ray``; run name: the folder name of ``out``).
+A dead worker makes Ray restart the whole group (``distributed.max_failures`` times) from the latest registered
+checkpoint, which may be one older than the last reported when a worker dies abruptly; the loop resumes at exactly
+the iteration stored in it, so the result equals an uninterrupted run. ``resume=True`` re-launches the same run
+name on the same storage, which makes Ray hand its latest checkpoint to every worker.
+
+Test hooks (environment variables read by the driver and passed to the workers):
+``RAYSEMI_TEST_KILL_AT=<iteration>:<marker file>``: rank 0 ``os._exit(1)``s at the first logged iteration >= the
+given one unless the marker exists (it creates it first, so it dies exactly once; use ``train.log_every=1``).
+``RAYSEMI_TEST_RECORD_IDS=<folder>``: every rank writes ``rank<r>.json`` with the ``labeled`` and ``unlabeled``
+sample ids it consumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+
+from raysemi.config import Config, from_dict, to_dict
+from raysemi.engine.checkpoint import STATE_FILE, load_state
+from raysemi.engine.loop import Callback, Runtime, Trainer, scaled_lr
+from raysemi.errors import CheckpointError, ConfigError, RaysemiError
+from raysemi.methods import Method, Progress
+
+SCORE_METRIC = "val/miou"
+KEEP_CHECKPOINTS = 2
+KILL_ENV = "RAYSEMI_TEST_KILL_AT"
+RECORD_IDS_ENV = "RAYSEMI_TEST_RECORD_IDS"
+# Written by Ray Train V2's checkpoint manager; its presence means a re-launch with this name resumes.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (just ``[value]`` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names and raw bytes): equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of ``module`` with rank ``src``'s, one collective per dtype and device."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for (dtype, _), buffers in groups.items():
+        # gloo cannot broadcast bool tensors
+        flat = torch.cat([b.reshape(-1) for b in buffers]).to(torch.uint8 if dtype == torch.bool else dtype)
+        dist.broadcast(flat, src)
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+
+class RayRuntime(Runtime):
+    """The loop's runtime inside a Ray Train worker. ``checkpoint_root`` (``<storage>/<run name>``) only names
+    where reported checkpoints land, for the summary."""
+
+    def __init__(self, out_dir: Path, cpus: float = 1.0, checkpoint_root: str | None = None) -> None:
+        super().__init__(out_dir)
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.checkpoint_root = checkpoint_root
+        self._device = ray.train.torch.get_device()
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        # Ray reserves these CPUs for this worker; more threads than that oversubscribe the node.
+        torch.set_num_threads(max(1, int(cpus)))
+
+    def device(self, cfg: Config) -> torch.device:
+        return self._device
+
+    def wrap(self, method: Method) -> nn.Module:
+        # DDP broadcasts rank 0's buffers before each forward, so the buffers a forward changes (BatchNorm
+        # statistics of students, and of teachers run in train mode) stay rank-specific until the next step and
+        # leak into EMA teachers (after_step), evaluation and the final weights of ranks > 0. Broadcasting them
+        # once the backward is done, right before after_step, keeps every rank's method bit-identical at the
+        # same communication cost; during the forward or backward they may still be needed by autograd.
+        model = ray.train.torch.prepare_model(
+            method, parallel_strategy_kwargs={"find_unused_parameters": True, "forward_sync_buffers": False}
+        )
+        if self.world_size > 1:
+            method_after_step = method.after_step
+
+            def after_step(progress: Progress) -> None:
+                broadcast_buffers(method)
+                method_after_step(progress)
+
+            method.after_step = after_step  # type: ignore[method-assign]
+        return model
+
+    def restore(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        cpu_states, cuda_states = state.pop("rng_cpu_ranks", None), state.pop("rng_cuda_ranks", None)
+        if cpu_states is not None and len(cpu_states) == self.world_size:
+            state["rng_cpu"] = cpu_states[self.rank]
+            state["rng_cuda"] = cuda_states[self.rank]
+        return state
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        # A checkpoint without an evaluation yet ranks below every evaluated one instead of logging a missing key.
+        scalars.setdefault(SCORE_METRIC, float("nan"))
+        if state is None:
+            ray.train.report(scalars)
+            return None
+        cpu_states = gather_objects(torch.get_rng_state())
+        cuda_states = gather_objects(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        if not self.is_main:
+            ray.train.report(scalars, checkpoint=None)
+            return None
+        # Unique per report: a restart that resumes from an older checkpoint re-reports the same iterations.
+        name = f"checkpoint_{int(state['iteration']):07d}_{time.strftime('%Y%m%d-%H%M%S')}_{os.urandom(3).hex()}"
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({**state, "rng_cpu_ranks": cpu_states, "rng_cuda_ranks": cuda_states}, Path(folder) / STATE_FILE)
+            ray.train.report(scalars, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        return f"{self.checkpoint_root}/{name}" if self.checkpoint_root else None
+
+
+class _KillOnce(Callback):
+    """Test hook: end this process abruptly, once per marker file, as a crashed worker would."""
+
+    def __init__(self, iteration: int, marker: Path) -> None:
+        self.iteration, self.marker = iteration, marker
+
+    def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
+        if iteration >= self.iteration and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+
+
+class _RecordingLoader:
+    """Test hook: passes a loader's batches through and remembers their sample ids."""
+
+    def __init__(self, loader: Any, ids: list[int]) -> None:
+        self.loader, self.ids = loader, ids
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.ids.extend(batch.ids.tolist())
+            yield batch
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The function every Ray Train worker runs: one ``Trainer.fit()``; rank 0 returns the run summary."""
+    cfg = from_dict(loop_config["config"])
+    runtime = RayRuntime(Path(cfg.out), cfg.distributed.cpus_per_worker, loop_config.get("checkpoint_root"))
+    node_ids = gather_objects(ray.get_runtime_context().get_node_id())
+    callbacks: list[Callback] = []
+    if runtime.is_main:
+        if cfg.tracking.enabled:
+            from raysemi.engine.tracking import MlflowCallback
+
+            params = {**loop_config.get("scaling", {}), "node_ids": ",".join(node_ids)}
+            callbacks.append(MlflowCallback(cfg, parent_run_id=loop_config.get("mlflow_parent_run_id"), extra_params=params))
+        if loop_config.get("progress"):
+            from raysemi.engine.progress import ProgressCallback
+
+            callbacks.append(ProgressCallback(cfg.train.iters))
+        if loop_config.get("kill_at"):
+            iteration, marker = loop_config["kill_at"]
+            callbacks.append(_KillOnce(iteration, Path(marker)))
+    trainer = Trainer(cfg, runtime, callbacks)
+    consumed: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
+    if loop_config.get("record_ids"):
+        trainer.loaders = dataclasses.replace(
+            trainer.loaders,
+            labeled=_RecordingLoader(trainer.loaders.labeled, consumed["labeled"]),
+            unlabeled=_RecordingLoader(trainer.loaders.unlabeled, consumed["unlabeled"]),
+        )
+    summary = trainer.fit()
+    digests = gather_objects(weights_digest(trainer.method.eval_model()))
+    progress = gather_objects((trainer.images_seen, trainer.train_seconds))
+    if loop_config.get("record_ids"):
+        folder = Path(loop_config["record_ids"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank{runtime.rank}.json").write_text(json.dumps(consumed))
+    if not runtime.is_main:
+        return None
+    slowest = max(seconds for _, seconds in progress)
+    return {
+        **summary,
+        "node_ids": node_ids,
+        "eval_weight_digests": digests,
+        "images_per_s_global": sum(images for images, _ in progress) / slowest if slowest > 0 else None,
+    }
+
+
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (``auto`` or HOST:PORT) or start a local one on 127.0.0.1; reuses an
+    already initialised Ray. Returns whether this call started Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(_node_ip_address="127.0.0.1")
+    return True
+
+
+def alive_nodes() -> list[str]:
+    return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def storage_path(cfg: Config, nodes: int) -> str:
+    """Where Ray Train keeps checkpoints: ``distributed.storage`` (URI or path) or ``<out>/ray`` on one node."""
+    explicit = cfg.distributed.storage
+    if explicit is None:
+        default = str(Path(cfg.out).resolve() / "ray")
+        if nodes > 1:
+            raise ConfigError(
+                "distributed.storage: a multi-node run needs a storage path every node can reach (s3://..., gs://... "
+                f"or a shared mount); got None (the default {default} exists on this machine only)"
+            )
+        return default
+    return explicit if is_uri(explicit) else str(Path(explicit).expanduser().resolve())
+
+
+def _run_exists(storage: str, name: str) -> bool:
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
+    return filesystem.get_file_info(f"{base.rstrip('/')}/{name}/{SNAPSHOT_FILE}").type != pyarrow.fs.FileType.NotFound
+
+
+def _check_resume(storage: str, name: str, resume: bool) -> None:
+    where = f"{storage.rstrip('/')}/{name}"
+    exists = _run_exists(storage, name)
+    if resume and not exists:
+        raise CheckpointError(f"{where}: --resume given but no checkpoint to resume from")
+    if exists and not resume:
+        raise ConfigError(f"{where}: a run with this name already has checkpoints; pass --resume to continue it or choose another --out")
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Workers may start in another directory (or on another node): give them absolute local paths."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or is_uri(path) else str(Path(path).expanduser().resolve())
+
+    return dataclasses.replace(
+        cfg,
+        out=str(absolute(cfg.out)),
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)),
+        model=dataclasses.replace(cfg.model, weights=absolute(cfg.model.weights)),
+    )
+
+
+def scaling_params(cfg: Config) -> dict[str, Any]:
+    """The scaling config as logged with the run."""
+    workers = cfg.distributed.workers
+    return {
+        "workers": workers,
+        "gpu": cfg.distributed.gpu,
+        "cpus_per_worker": cfg.distributed.cpus_per_worker,
+        "global_batch": cfg.data.batch_size * workers,
+        "lr_scaling": cfg.optim.lr_scaling,
+        "lr_scaled": scaled_lr(cfg, workers),
+        "backend": "nccl" if cfg.distributed.gpu else "gloo",
+    }
+
+
+def torch_trainer(
+    cfg: Config,
+    train_fn: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    storage: str,
+    name: str,
+    ray_callbacks: list[Any] | None = None,
+    placement_strategy: str = "PACK",
+) -> TorchTrainer:
+    """A ``TorchTrainer`` sized by ``cfg.distributed`` that keeps the best checkpoints by val mIoU."""
+    spec = cfg.distributed
+    resources: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=spec.gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if spec.gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            callbacks=ray_callbacks,
+        ),
+    )
+
+
+def _test_hooks() -> dict[str, Any]:
+    hooks: dict[str, Any] = {}
+    kill = os.environ.get(KILL_ENV)
+    if kill:
+        iteration, sep, marker = kill.partition(":")
+        if not (sep and iteration.isdigit() and marker):
+            raise ConfigError(f"{KILL_ENV}={kill!r}: expected <iteration>:<marker file>")
+        hooks["kill_at"] = (int(iteration), str(Path(marker).resolve()))
+    if os.environ.get(RECORD_IDS_ENV):
+        hooks["record_ids"] = str(Path(os.environ[RECORD_IDS_ENV]).resolve())
+    return hooks
+
+
+def _user_error(error: ray.train.TrainingFailedError) -> RaysemiError | None:
+    """The first worker's own one-line error (bad data, bad checkpoint), if that is what failed."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)
+        if isinstance(cause, RaysemiError):
+            return type(cause)(str(cause).strip().splitlines()[0])
+    return None
+
+
+def fit_distributed(
+    cfg: Config,
+    resume: bool = False,
+    *,
+    run_name: str | None = None,
+    ray_callbacks: list[Any] | None = None,
+    mlflow_parent_run_id: str | None = None,
+    placement_strategy: str = "PACK",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train with ``cfg.distributed.workers`` Ray Train workers and return rank 0's run summary, with the worker
+    count and the node each worker ran on. ``run_name`` (default: the folder name of ``cfg.out``) names the run in
+    the storage; ``ray_callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``)."""
+    if cfg.distributed.workers < 1:
+        raise ConfigError(f"distributed.workers: must be >= 1 for a Ray Train run, got {cfg.distributed.workers}")
+    cfg = _absolute_paths(cfg)
+    started = connect(cfg.distributed.address)
+    try:
+        nodes = alive_nodes()
+        storage = storage_path(cfg, len(nodes))
+        name = run_name or Path(cfg.out).name
+        _check_resume(storage, name, resume)
+        loop_config = {
+            "config": to_dict(cfg),
+            "checkpoint_root": f"{storage.rstrip('/')}/{name}",
+            "scaling": scaling_params(cfg),
+            "mlflow_parent_run_id": mlflow_parent_run_id,
+            "progress": progress,
+            **_test_hooks(),
+        }
+        trainer = torch_trainer(cfg, train_worker, loop_config, storage, name, ray_callbacks, placement_strategy)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            user_error = _user_error(exc)
+            if user_error is not None:
+                raise user_error from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    summary = dict(result.return_value or json.loads((Path(cfg.out) / "summary.json").read_text()))
+    best = result.get_best_checkpoint(SCORE_METRIC, "max") if result.best_checkpoints else None
+    summary.update(
+        {
+            "workers": cfg.distributed.workers,
+            "cluster_nodes": len(nodes),
+            "storage": storage,
+            "ray_run": f"{storage.rstrip('/')}/{name}",
+            "best_checkpoint": best.path if best is not None else None,
+        }
+    )
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

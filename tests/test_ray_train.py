@@ -1,0 +1,198 @@
+"""Ray Train on one shared in-process Ray cluster (2 CPUs): data-parallel runs, fault tolerance, equality with the
+plain loop, every registered method under DDP, one MLflow run per training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from raysemi.config import Config, from_dict, to_dict
+from raysemi.data.loaders import build_loaders
+from raysemi.engine.checkpoint import load_state
+from raysemi.engine.distributed import (
+    KILL_ENV,
+    RECORD_IDS_ENV,
+    SCORE_METRIC,
+    RayRuntime,
+    fit_distributed,
+    gather_objects,
+    torch_trainer,
+    weights_digest,
+)
+from raysemi.engine.loop import Trainer, fit
+from raysemi.methods import METHODS, build_method
+from raysemi.models import build_model
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.ray
+
+LABELED = 8  # 1/8 of 64 synthetic training images: one epoch is 4 per rank with 2 workers
+
+
+def make_config(out: Path, method: str, workers: int = 2, iters: int = 4, **sections: dict[str, Any]) -> Config:
+    values: dict[str, Any] = {
+        "method": {"name": method},
+        "model": {"name": "tiny"},
+        "data": {
+            "dataset": "synthetic",
+            "synthetic_size": [32, 32],
+            "crop_size": [32, 32],
+            "synthetic_train": 64,
+            "synthetic_val": 8,
+            "labeled": "1/8",
+            "batch_size": 2,
+        },
+        "train": {"iters": iters, "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "device": "cpu"},
+        "distributed": {"workers": workers},
+        "tracking": {"enabled": False},
+        "out": str(out),
+    }
+    for section, overrides in sections.items():
+        values[section] = {**values.get(section, {}), **overrides}
+    return from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def final_method_state(summary: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = load_state(summary["checkpoint"])
+    assert state["iteration"] == summary["iterations"]
+    return state["method"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+def assert_disjoint_shards(folder: Path) -> None:
+    """Each rank's samples of the first epoch are its own: no id consumed by both ranks, together every id."""
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+    first_epoch = [set(r["labeled"][: LABELED // 2]) for r in ranks]
+    assert all(len(ids) == LABELED // 2 for ids in first_epoch)
+    assert not first_epoch[0] & first_epoch[1]
+    assert first_epoch[0] | first_epoch[1] == set(range(LABELED))
+    unlabeled = [set(r["unlabeled"]) for r in ranks]
+    assert unlabeled[0] and unlabeled[1] and not unlabeled[0] & unlabeled[1]
+
+
+@pytest.fixture(scope="module")
+def mt_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
+    """An uninterrupted 2-worker mean-teacher run, shared by the data-parallel and fault-tolerance tests."""
+    root = tmp_path_factory.mktemp("mt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(RECORD_IDS_ENV, str(root / "ids"))
+        summary = fit_distributed(make_config(root / "run", "mt"), progress=False)
+    return {"summary": summary, "ids": root / "ids"}
+
+
+def test_two_worker_mean_teacher(mt_run):
+    summary = mt_run["summary"]
+    assert summary["workers"] == 2 and len(summary["node_ids"]) == 2
+    assert summary["iterations"] == 4 and math.isfinite(summary["val_miou"])
+    assert Path(summary["checkpoint"], "state.pt").is_file()
+    digests = summary["eval_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], "ranks ended with different teacher weights"
+    assert digests[0] == weights_digest(_teacher_from(final_method_state(summary)))
+    assert_disjoint_shards(mt_run["ids"])
+    assert json.loads(Path(summary["out"], "summary.json").read_text())["workers"] == 2
+
+
+def _teacher_from(method_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    info = build_loaders(make_config(Path("unused"), "mt").data, 0).info
+    teacher = build_method("mt", lambda in_channels=3: build_model("tiny", info.num_classes, in_channels=in_channels), info, {})
+    teacher.load_state_dict(method_state)
+    return teacher.eval_model()
+
+
+def test_two_worker_supervised_logs_one_mlflow_run(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = make_config(tmp_path / "run", "supervised", iters=2, tracking={"enabled": True, "uri": uri, "experiment": "ray"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(RECORD_IDS_ENV, str(tmp_path / "ids"))
+        summary = fit_distributed(cfg, progress=False)
+    assert summary["workers"] == 2 and math.isfinite(summary["val_miou"])
+    assert Path(summary["checkpoint"], "state.pt").is_file()
+    assert_disjoint_shards(tmp_path / "ids")
+    # checkpoints are ranked by the slash-named metric: the best one holds the highest val/miou
+    best = load_state(summary["best_checkpoint"])
+    assert best["last_eval"][SCORE_METRIC] == max(summary["val_miou"], best["last_eval"][SCORE_METRIC])
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
+    assert len(runs) == 1
+    params = runs[0].data.params
+    assert params["workers"] == "2" and params["global_batch"] == "4" and params["cpus_per_worker"] == "1.0"
+    assert float(params["lr_scaled"]) == pytest.approx(cfg.optim.lr * 4 / cfg.optim.base_batch)
+    assert runs[0].data.metrics["val/miou"] == pytest.approx(summary["val_miou"])
+
+
+def test_killed_worker_resumes_to_the_uninterrupted_weights(mt_run, tmp_path):
+    cfg = make_config(tmp_path / "run", "mt", distributed={"workers": 2, "max_failures": 1})
+    marker = tmp_path / "killed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KILL_ENV, f"3:{marker}")
+        summary = fit_distributed(cfg, progress=False)
+    assert marker.exists(), "the worker was never killed"
+    assert summary["iterations"] == 4
+    assert summary["eval_weight_digests"][0] == summary["eval_weight_digests"][1]
+    assert_same_weights(final_method_state(summary), final_method_state(mt_run["summary"]))
+
+
+def test_one_worker_equals_plain_loop(ray_cluster, tmp_path):
+    ray_summary = fit_distributed(make_config(tmp_path / "ray", "mt", workers=1, iters=3), progress=False)
+    plain_cfg = make_config(tmp_path / "plain", "mt", workers=0, iters=3)
+    plain_summary = fit(plain_cfg)
+    assert ray_summary["workers"] == 1 and ray_summary["lr"] == plain_summary["lr"]
+    assert_same_weights(final_method_state(ray_summary), load_state(plain_summary["checkpoint"])["method"])
+    assert ray_summary["val_miou"] == plain_summary["val_miou"]
+
+
+class FreshRayRuntime(RayRuntime):
+    """Ray Train hands a worker the latest checkpoint it reported: each method here starts from scratch instead."""
+
+    def restore(self) -> None:
+        return None
+
+
+def every_method_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs a short 2-worker training of each method in turn inside one Ray Train worker group."""
+    results = {}
+    for name in loop_config["methods"]:
+        values = {**loop_config["config"], "method": {"name": name}, "out": f"{loop_config['out']}/{name}"}
+        cfg = from_dict(values)
+        runtime = FreshRayRuntime(Path(cfg.out), cfg.distributed.cpus_per_worker)
+        trainer = Trainer(cfg, runtime, [])
+        summary = trainer.fit()
+        results[name] = {
+            "losses": summary["losses_last"],
+            "val_miou": summary["val_miou"],
+            "digests": gather_objects(weights_digest(trainer.method.eval_model())),
+        }
+    return results if ray.train.get_context().get_world_rank() == 0 else None
+
+
+def test_every_method_trains_data_parallel(ray_cluster, tmp_path):
+    methods = METHODS.names()
+    cfg = make_config(tmp_path / "methods", "supervised", iters=2, train={"eval_every": 0, "checkpoint_every": 0})
+    loop_config = {"config": to_dict(cfg), "methods": methods, "out": str(tmp_path / "methods")}
+    result = torch_trainer(cfg, every_method_worker, loop_config, str(tmp_path / "ray"), "methods").fit()
+    results = result.return_value
+    assert sorted(results) == sorted(methods)
+    for name, entry in results.items():
+        assert entry["losses"] and all(math.isfinite(v) for v in entry["losses"].values()), (name, entry["losses"])
+        assert math.isfinite(entry["val_miou"]), name
+        assert entry["digests"][0] == entry["digests"][1], f"{name}: ranks hold different evaluation weights"
