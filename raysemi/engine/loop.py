@@ -242,15 +242,16 @@ class Trainer:
             self._write_run_files()
         for cb in self.callbacks:
             cb.on_start(self)
-        labeled_iter, unlabeled_iter = infinite(self.loaders.labeled), infinite(self.loaders.unlabeled)
+        labeled_iter = infinite(self.loaders.labeled)
+        unlabeled_iter = infinite(self.loaders.unlabeled) if type(self.method).has_unsupervised_loss else None
         self.method.train()
         while self.iteration < total:
             started = time.perf_counter()
             labeled = next(labeled_iter).to(self.device, non_blocking=True)
-            unlabeled = next(unlabeled_iter).to(self.device, non_blocking=True)
+            unlabeled = next(unlabeled_iter).to(self.device, non_blocking=True) if unlabeled_iter else None
             progress = Progress(self.iteration, total)
             logs = self._step(labeled, unlabeled, progress)
-            self.images_seen += len(labeled) + len(unlabeled)
+            self.images_seen += len(labeled) + (len(unlabeled) if unlabeled is not None else 0)
             self.train_seconds += time.perf_counter() - started
             self.iteration += 1
             self.stats.add(logs)

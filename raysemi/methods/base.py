@@ -86,7 +86,8 @@ class Method(nn.Module):
     probe_overrides: ClassVar[dict[str, Any]] = {}
     #: Whether the unlabelled batches must carry ``box_channels`` (box-supervised methods).
     needs_boxes: ClassVar[bool] = False
-    #: False only for the supervised baseline, whose ``unsup`` term is identically 0.
+    #: False only for the supervised baseline, whose ``unsup`` term is identically 0; the loop then does not load
+    #: unlabelled batches at all and passes ``unlabeled=None``.
     has_unsupervised_loss: ClassVar[bool] = True
 
     def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: Hyperparameters) -> None:

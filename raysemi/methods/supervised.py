@@ -36,8 +36,8 @@ def supervised_loss(hp: SupervisedHyper, logits: torch.Tensor, masks: torch.Tens
 @register_method("supervised")
 class Supervised(Method):
     """Supervised baseline (method spec section 2): same network, augmentation, optimizer and iteration budget as
-    the SSL method it is compared with, trained on the labelled subset only. The unlabelled batch is ignored, so
-    its ``unsup`` term is a constant 0 (the smoke tests know this method has none)."""
+    the SSL method it is compared with, trained on the labelled subset only. The loop loads no unlabelled batch
+    for it, and its ``unsup`` term is a constant 0 (the smoke tests know this method has none)."""
 
     Hyper = SupervisedHyper
     has_unsupervised_loss = False
@@ -49,7 +49,7 @@ class Supervised(Method):
     def student(self) -> nn.Module:
         return self.net
 
-    def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
+    def forward(self, labeled: Batch, unlabeled: Batch | None, progress: Progress) -> StepOutput:
         loss = supervised_loss(self.hp, self.net(labeled.images), labeled.masks)
         zero = loss.new_zeros(())
         return StepOutput(losses={"main": loss}, terms={"sup": loss, "unsup": zero})
