@@ -1,4 +1,4 @@
-"""Boxes for the self-correcting networks method (methods.md 1.10 and section 11).
+"""Boxes for the self-correcting networks method (docs/method-spec.md 1.10 and section 11).
 
 A box is ``(cls, y0, x0, y1, x1)`` in pixels with ``y1``/``x1`` exclusive. Datasets without instance
 annotations get one box per 8-connected component of each class mask: an approximation of instance boxes

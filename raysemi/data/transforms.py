@@ -1,4 +1,4 @@
-"""Joint image + mask transforms (methods.md 1.7) on ``tv_tensors.Image`` / ``tv_tensors.Mask``.
+"""Joint image + mask transforms (docs/method-spec.md 1.7) on ``tv_tensors.Image`` / ``tv_tensors.Mask``.
 
 Every random draw takes an explicit ``torch.Generator``: the global RNG is never touched, so a sample's views
 are a pure function of its seed (bit-exact resume, any number of loader workers).
