@@ -1,0 +1,143 @@
+"""Benchmark: every method (or a chosen few) under one protocol, several seeds, one subprocess per run.
+
+Each run is `raysemi train ... --json`; the table reports val mIoU (mean ± half-range over seeds), train step cost
+relative to `supervised`, and peak resident memory of the run's process (from wait4's rusage). Results append to a
+JSON-lines file as they arrive, so a long benchmark can be read (and resumed) while it runs.
+
+Example (CamVid 1/8, reduced resolution, trained from scratch):
+    python benchmarks/run_methods.py --dataset camvid --data-root ../shared/data/camvid --labeled 1/8 \
+        --model lraspp_mobilenet_v3 --iters 300 --seeds 0 1 --out benchmarks/results/camvid_1_8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int, out: Path) -> dict:
+    run_dir = out / "runs" / f"{method}-s{seed}"
+    name, overrides = method, []
+    if method.startswith("supervised_all"):
+        name, overrides = "supervised", ["data.labeled=all"]
+    if method == "selfcorr_conv":
+        name, overrides = "selfcorr", ["method.correction=conv"]
+    cmd = [
+        sys.executable, "-m", "raysemi.cli", "train", "--method", name, "--dataset", args.dataset,
+        "--model", args.model, "--labeled", args.labeled, "--iters", str(args.iters), "--seed", str(seed),
+        "--batch-size", str(args.batch_size), "--out", str(run_dir), "--json",
+        "--tracking-uri", f"sqlite:///{(out / 'mlruns.db').resolve()}",
+        "--set", f"tracking.experiment={args.experiment or out.name}",
+        "--set", f"train.threads={args.threads}",
+    ]
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    method_sets = [item.split(":", 1)[1] for item in args.method_set if item.split(":", 1)[0] == name]
+    for item in [*args.set, *method_sets, *overrides]:
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    stdout = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"method": method, "seed": seed, "error": f"exit {proc.returncode}", "command": " ".join(cmd)}
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return {
+        "method": method,
+        "seed": seed,
+        "val_miou": summary["val_miou"],
+        "step_seconds": summary["train_seconds"] / summary["iterations"],
+        "images_per_s": summary["images_per_s"],
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "wall_seconds": time.perf_counter() - started,
+        "extra": {k: v for k, v in summary.items() if k.startswith("val_miou_")},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            by_method.setdefault(row["method"], []).append(row)
+    base = by_method.get("supervised")
+    base_step = statistics.mean(r["step_seconds"] for r in base) if base else None
+    base_miou = statistics.mean(r["val_miou"] for r in base) if base else None
+    lines = [
+        "| method | val mIoU (mean ± half-range) | seeds | Δ vs supervised | step cost vs supervised | s/iter | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in by_method.items():
+        mious = [r["val_miou"] for r in runs]
+        mean = statistics.mean(mious)
+        spread = (max(mious) - min(mious)) / 2
+        step = statistics.mean(r["step_seconds"] for r in runs)
+        delta = f"{100 * (mean - base_miou):+.2f}" if base_miou is not None else "n/a"
+        cost = f"{step / base_step:.2f}x" if base_step else "n/a"
+        lines.append(
+            f"| {method} | {100 * mean:.2f} ± {100 * spread:.2f} | {len(runs)} | {delta} | {cost} | {step:.3f} | "
+            f"{max(r['peak_rss_mib'] for r in runs):.0f} |"
+        )
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        lines.append(f"| {r['method']} (seed {r['seed']}) | failed: {r['error']} | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--data-root")
+    parser.add_argument("--labeled", default="1/8")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--methods", nargs="+", default=["all"], help="method names, 'all', supervised_all, selfcorr_conv")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
+    parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE", help="override for one method only, e.g. gcl:method.detector_width=0.25")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the out folder's name)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.data_root and not Path(args.data_root).is_dir():
+        print(f"data root {args.data_root} not found: skipping this benchmark", file=sys.stderr)
+        return 0
+    methods = args.methods
+    if methods == ["all"]:
+        from raysemi.methods import METHODS
+
+        names = METHODS.names()
+        methods = ["supervised", *[n for n in names if n != "supervised"]]
+        if "selfcorr" in names:
+            methods.append("selfcorr_conv")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.jsonl"
+    done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else set()
+    for seed in args.seeds:
+        for method in methods:
+            if (method, seed) in done:
+                continue
+            row = run_one(args, method, seed, out)
+            with results_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in results_file.read_text().splitlines()]
+    command = "python " + " ".join(sys.argv)
+    text = f"Command: `{command}`\n\n{table(rows)}\n"
+    (out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
