@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_one(args: argparse.Namespace, method: str, seed: int, out: Path) -> dict:
     run_dir = out / "runs" / f"{method}-s{seed}"
     name, overrides = method, []
-    if method.startswith("supervised_all"):
+    if method == "supervised_all":
         name, overrides = "supervised", ["data.labeled=all"]
-    if method == "selfcorr_conv":
-        name, overrides = "selfcorr", ["method.correction=conv"]
+    if method == "selfcorr_linear":
+        name, overrides = "selfcorr", ["method.correction=linear"]
     cmd = [
         sys.executable, "-m", "raysemi.cli", "train", "--method", name, "--dataset", args.dataset,
         "--model", args.model, "--labeled", args.labeled, "--iters", str(args.iters), "--seed", str(seed),
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--data-root")
     parser.add_argument("--labeled", default="1/8")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--methods", nargs="+", default=["all"], help="method names, 'all', supervised_all, selfcorr_conv")
+    parser.add_argument("--methods", nargs="+", default=["all"], help="method names, 'all', supervised_all, selfcorr_linear")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -118,7 +118,7 @@ def main() -> int:
         names = METHODS.names()
         methods = ["supervised", *[n for n in names if n != "supervised"]]
         if "selfcorr" in names:
-            methods.append("selfcorr_conv")
+            methods.append("selfcorr_linear")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
