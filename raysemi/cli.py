@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("report", help="compare finished MLflow training runs: report.md, report.html and plots")
+    p.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment name(s) (default: every experiment)")
+    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="these runs only (a study's parent run adds its optimisation history)")
+    p.add_argument("--include-trials", action="store_true", help="also tabulate tune trial runs (skipped by default)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///runs/mlruns.db)")
+    p.add_argument("--recipes", help="recipe folder giving paper numbers to runs that do not log them (default: recipes/)")
+    p.add_argument("--out", default="report", help="output folder (default report)")
+
     p = sub.add_parser("doctor", help="check Ray, GPUs, storage and MLflow before a long study")
     p.add_argument("--address", help="Ray cluster address (default: start a local one)")
     p.add_argument("--storage", help="storage path or URI to check for writability")
@@ -174,6 +182,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raysemi.report import DEFAULT_RECIPES, build_report, resolve_tracking_uri
+
+    result = build_report(resolve_tracking_uri(args.tracking_uri), args.out, args.experiment, args.runs,
+                          args.include_trials, Path(args.recipes) if args.recipes else DEFAULT_RECIPES)
+    print(f"{result['runs']} runs in {len(result['sections'])} tables, {result['studies']} studies, "
+          f"{len(result['plots'])} plots -> {result['markdown']}, {result['html']}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from raysemi.engine.doctor import format_checks, run_doctor
 
@@ -195,6 +215,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "train": cmd_train,
     "eval": cmd_eval,
+    "report": cmd_report,
     "doctor": cmd_doctor,
 }
 

@@ -129,6 +129,36 @@ class TrackingConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """Metadata of a paper-scale recipe (``recipes/<dataset>/<protocol>/<method>.yaml``). Training ignores it; it is
+    logged with the run (params ``recipe.*``) so that ``raysemi report`` can set the run against the paper.
+    name: the recipe's path under ``recipes/`` (set by the recipe loader); protocol: label-protocol label
+    (``blender 1/8``); paper: citation; expected_miou: the paper's mIoU in percent for this setting, or None where the
+    paper has no comparable number; expected_verified: False for numbers the method spec marks [unverified];
+    backbone_weights: the pretraining the paper used; eval_mode: how the paper evaluated; split_source: the public
+    split list; notes: deviations from the paper and how to run the recipe."""
+
+    name: str | None = None
+    protocol: str | None = None
+    paper: str | None = None
+    expected_miou: float | None = None
+    expected_verified: bool = True
+    backbone_weights: str | None = None
+    eval_mode: str | None = None
+    split_source: str | None = None
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.expected_miou is not None:
+            try:
+                self.expected_miou = float(self.expected_miou)
+            except ValueError:
+                raise ConfigError(f"recipe.expected_miou: expected a number (percent), got {self.expected_miou!r}") from None
+            if not 0 < self.expected_miou <= 100:
+                raise ConfigError(f"recipe.expected_miou: expected percent in (0, 100], got {self.expected_miou}")
+
+
+@dataclass
 class Config:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "supervised"})
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +167,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     out: str = "runs/latest"
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from importlib import metadata
@@ -30,11 +31,23 @@ def versions() -> dict[str, str]:
     return found
 
 
-def provenance(split_digest: str) -> dict[str, Any]:
-    return {
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(split_digest: str, weights: str | None = None) -> dict[str, Any]:
+    """``weights``: the run's ``model.weights`` file; its sha256 identifies the pretraining a result depends on."""
+    record: dict[str, Any] = {
         "versions": versions(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "split_digest": split_digest,
     }
+    if weights is not None:
+        record["weights"] = {"path": str(Path(weights).resolve()), "sha256": file_sha256(weights)}
+    return record

@@ -1,0 +1,131 @@
+"""`raysemi report` on runs written through the MLflow client with known values: the table's means, spreads and
+gaps equal hand arithmetic, evaluation modes stay apart, trials and failed runs are skipped, plots are written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from raysemi.cli import main
+from raysemi.errors import ConfigError
+from raysemi.report import RunRecord, assign_labels, build_report, protocol_label
+
+EXPERIMENT = "bench"
+
+
+def _log(client, experiment_id: str, name: str, params: dict, miou: float, *, ious: dict | None = None,
+         status: str = "FINISHED", tags: dict | None = None, curve: bool = False) -> str:
+    from mlflow.entities import Metric, Param
+
+    now = int(1000 * time.time())
+    run = client.create_run(experiment_id, run_name=name, tags=tags or {})
+    metrics = [Metric("val/miou", miou, now, 4)]
+    metrics += [Metric(f"val_iou/{k}", v, now, 4) for k, v in (ious or {}).items()]
+    if curve:
+        metrics += [Metric("val/miou", miou / 2, now, 2)] + [Metric("loss/sup", 2.0 / s, now, s) for s in (1, 2, 3, 4)]
+    base = {"data.dataset": "synthetic", "model.name": "tiny", "data.eval_mode": "whole", "train.iters": 4,
+            "data.labeled": "1/8", "train.seed": 0}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in {**base, **params}.items()], metrics=metrics)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(folder / "artifacts").as_uri())
+    ious = {"bg": 0.9, "car": 0.2}
+    for seed, (sup, mt) in enumerate([(0.40, 0.50), (0.44, 0.56)]):
+        _log(client, exp, f"sup-s{seed}", {"method.name": "supervised", "train.seed": seed, "split_digest": f"d{seed}"},
+             sup, ious=ious, curve=True)
+        _log(client, exp, f"mt-s{seed}", {"method.name": "mt", "method.ema_decay": 0.99, "train.seed": seed,
+                                          "split_digest": f"d{seed}"}, mt, ious={"bg": 0.8, "car": 0.4}, curve=True)
+    _log(client, exp, "sup-q", {"method.name": "supervised", "data.labeled": "1/4", "split_digest": "q"}, 0.60)
+    for seed, value in enumerate([0.61, 0.65]):
+        _log(client, exp, f"mt-q{seed}", {"method.name": "mt", "method.ema_decay": 0.99, "data.labeled": "1/4",
+                                          "train.seed": seed, "split_digest": "q"}, value)
+    _log(client, exp, "mt-sliding", {"method.name": "mt", "method.ema_decay": 0.99, "data.eval_mode": "sliding"}, 0.70)
+    ids = {}
+    ids["cps"] = _log(client, exp, "cps", {"method.name": "cps", "split_digest": "other", "recipe.expected_miou": 45.0,
+                              "recipe.expected_verified": False}, 0.47)
+    _log(client, exp, "mt-failed", {"method.name": "mt", "method.ema_decay": 0.99}, 0.99, status="FAILED")
+    parent = client.create_run(exp, run_name="study-x", tags={"raysemi.kind": "study", "raysemi.study": "x"})
+    for i, value in enumerate([0.30, 0.50, 0.40]):
+        ids[f"t{i}"] = _log(client, exp, f"t{i}", {"method.name": "mt", "method.ema_decay": 0.9 + i / 100}, value,
+             tags={"mlflow.parentRunId": parent.info.run_id, "raysemi.trial_id": f"t{i}"})
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return uri, ids
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recipe without a logged recipe param: the report finds its number by method/dataset/protocol/model."""
+    folder = tmp_path_factory.mktemp("recipes")
+    path = folder / "synthetic" / "q" / "mt.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("method: {name: mt, ema_decay: 0.99}\ndata: {dataset: synthetic, labeled: 1/4}\n"
+                    "model: {name: tiny}\nrecipe: {expected_miou: 70.0}\n")
+    return folder
+
+
+def test_report_tables_equal_hand_arithmetic(store: tuple[str, dict[str, str]], recipes: Path, tmp_path: Path) -> None:
+    uri, _ = store
+    result = build_report(uri, tmp_path / "r", experiments=[EXPERIMENT], recipes_dir=recipes)
+    assert result["runs"] == 9 and result["studies"] == 1
+    sections = {s.key: s for s in result["sections"]}
+    assert set(sections) == {("synthetic", "tiny", mode, "4") for mode in ("whole", "sliding")}
+    whole = sections[("synthetic", "tiny", "whole", "4")]
+    sup, mt = whole.cells[("supervised", "1/8")], whole.cells[("mt", "1/8")]
+    assert sup.mean == pytest.approx(0.42) and sup.spread == pytest.approx(0.02 * 2**0.5)
+    assert mt.mean == pytest.approx(0.53) and mt.spread == pytest.approx(0.03 * 2**0.5)
+    assert whole.cells[("mt", "1/4")].expected == 70.0
+    md = result["markdown"].read_text()
+    for text in ("42.00 ± 2.83 (n=2)", "53.00 ± 4.24 (n=2)", "60.00 (n=1)", "63.00 ± 2.83 (n=2)", "| mt | +11.00 | +3.00 |",
+                 "+5.00 ≠split", "+2.00 (paper 45.00†)", "-7.00 (paper 70.00)", "70.00 (n=1)",
+                 "different modes (sliding, whole)", "3 trials, best val mIoU 50.00%"):
+        assert text in md, text
+    assert "99.00" not in md and "trial" not in md.split("## study")[0]
+    html = result["html"].read_text()
+    assert "<td>42.00 ± 2.83 (n=2)</td>" in html
+    names = {p.name for p in result["plots"]}
+    assert {"01_synthetic_tiny_whole_4_bars.png", "01_synthetic_tiny_whole_4_classes.png", "study_study_x.png"} <= names
+    assert len(result["plots"]) == 8
+    for path in result["plots"]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+        assert f"plots/{path.name}" in md
+
+
+def test_trials_are_tabulated_only_when_asked(store: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    uri, ids = store
+    trials = [ids[f"t{i}"] for i in range(3)]
+    with pytest.raises(ConfigError, match="no finished training runs"):
+        build_report(uri, tmp_path, run_ids=trials, recipes_dir=None)
+    result = build_report(uri, tmp_path, run_ids=trials, include_trials=True, recipes_dir=None)
+    assert result["runs"] == 3
+    assert result["sections"][0].cells[("mt (trial t1)", "1/8")].mean == pytest.approx(0.50)
+
+
+def test_cli_report_and_missing_store(store: tuple[str, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri, ids = store
+    assert main(["report", "--tracking-uri", uri, "--runs", ids["cps"], "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").is_file() and "1 runs in 1 tables" in capsys.readouterr().out
+    assert main(["report", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert main(["report", "--tracking-uri", uri, "--experiment", "nope"]) == 2
+
+
+def test_variants_get_their_own_rows_and_protocols_their_labels() -> None:
+    runs = [RunRecord(str(i), str(i), {"method.name": "cps", "method.use_cutmix": flag, "data.labeled": "1/8"}, 0.5, {}, False)
+            for i, flag in enumerate(["False", "True"])]
+    assign_labels(runs)
+    assert [r.label for r in runs] == ["cps (use_cutmix=False)", "cps (use_cutmix=True)"]
+    assert protocol_label({"data.labeled": "/d/splits/cityscapes/1_16"}) == "1/16"
+    assert protocol_label({"data.labeled": "/d/ImageSets/Segmentation/train.txt"}) == "train"
+    assert protocol_label({"data.labeled": "92", "recipe.protocol": "None"}) == "92"
+    assert protocol_label({"data.labeled": "/d/x", "recipe.protocol": "1/8"}) == "1/8"
