@@ -329,7 +329,7 @@ class Trainer:
         self.loaders.split.write(self.out_dir / "split")
         from raysemi.engine.provenance import provenance
 
-        (self.out_dir / "provenance.json").write_text(json.dumps(provenance(self.loaders.split.digest()), indent=2))
+        (self.out_dir / "provenance.json").write_text(json.dumps(provenance(self.loaders.split.digest(), weights=self.cfg.model.weights), indent=2))
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
