@@ -56,10 +56,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """name: registered model; weights: local file with backbone weights (nothing is downloaded)."""
+    """name: registered model; weights: local file with backbone weights (nothing is downloaded); options: keyword
+    arguments of the model's builder (e.g. ``{output_stride: 8}`` for DeepLabV3+, ``{width: 32}`` for tiny)."""
 
     name: str = "tiny"
     weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -48,3 +48,15 @@ def test_bad_yaml_names_file_and_line(tmp_path) -> None:
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_yaml(path)
+
+
+def test_model_options_reach_the_builder_and_bad_ones_fail() -> None:
+    from raysemi.models import build_model
+
+    cfg = from_dict(apply_overrides({}, ["model.options={width: 4}"]))
+    model = build_model(cfg.model.name, 3, **cfg.model.options)
+    assert model.feature_channels == 8
+    with pytest.raises(ConfigError, match="model.options: .*output_stride"):
+        build_model("tiny", 3, output_stride=8)
+    with pytest.raises(ConfigError, match="model.options: expected dict"):
+        from_dict({"model": {"options": 3}})

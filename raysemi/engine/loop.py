@@ -160,7 +160,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         def factory(in_channels: int = 3) -> nn.Module:
-            return build_model(cfg.model.name, info.num_classes, in_channels=in_channels, weights=cfg.model.weights)
+            return build_model(
+                cfg.model.name, info.num_classes, in_channels=in_channels, weights=cfg.model.weights, **cfg.model.options
+            )
 
         self.method: Method = build_method(cfg.method_name, factory, info, cfg.method_params).to(self.device)
         self.lr = scaled_lr(cfg, self.runtime.world_size)

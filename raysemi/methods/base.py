@@ -196,6 +196,8 @@ def coerce_value(key: str, value: Any, default: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise ValueError(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}") from None
     return value

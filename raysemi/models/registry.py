@@ -48,7 +48,12 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, weights: str 
     torchvision); nothing is downloaded."""
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"model.weights: no such file {weights!r}")
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, weights=weights, **kwargs)
+    builder = MODELS.get(name)
+    try:
+        return builder(num_classes=num_classes, in_channels=in_channels, weights=weights, **kwargs)
+    except TypeError as exc:
+        # builders forward options to the model's constructor; a wrong name surfaces as a TypeError there
+        raise ConfigError(f"model.options: {exc}") from None
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
