@@ -1,0 +1,128 @@
+"""The end of a study: child-run statuses, leaderboard (CSV + Markdown), Optuna's optimisation-history and
+parameter-importance plots, the parent run's best metric, and the best checkpoint registered as a model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raysemi.config import Config
+
+if TYPE_CHECKING:
+    from raysemi.engine.search_space import SearchSpace
+    from raysemi.engine.tune import TrialRow
+
+MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "error": "FAILED", "not-started": "KILLED"}
+
+
+def finish(cfg: Config, space: SearchSpace, rows: list[TrialRow], study_dir: Path, study: dict[str, Any],
+           model_name: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    uri, parent = study["tracking_uri"], study["parent_run_id"]
+    client = MlflowClient(uri)
+    if cfg.tracking.enabled:
+        _close_child_runs(client, study["experiment_id"], parent, rows, space.metric)
+    board = write_leaderboard(rows, space.metric, study_dir)
+    client.log_artifact(parent, str(board["csv"]), "leaderboard")
+    client.log_artifact(parent, str(board["md"]), "leaderboard")
+    plots = optuna_plots(study_dir, study["name"])
+    for plot in plots["files"]:
+        client.log_artifact(parent, str(plot), "plots")
+    for key, value in plots["notes"].items():
+        client.set_tag(parent, f"raysemi.{key}", value)
+    result: dict[str, Any] = {"plots": [str(p) for p in plots["files"]], "leaderboard_csv": str(board["csv"])}
+    best = next((r for r in rows if r.best is not None and r.checkpoint), None)
+    if best is not None:
+        client.log_metric(parent, f"best_{space.metric}", best.best)
+        client.set_tag(parent, "raysemi.best_trial", best.trial_id)
+        from raysemi.engine.registry_models import register_checkpoint
+
+        registered = register_checkpoint(
+            best.checkpoint, uri, parent, model_name, best.best,
+            tags={"raysemi.trial_id": best.trial_id, "raysemi.study": study["name"],
+                  "raysemi.params": json.dumps(best.params, default=str)[:5000]},
+        )
+        result.update(best_trial=best.trial_id, best_params=best.params, best_metric=best.best,
+                      registered=registered)
+        config_file = study_dir / "trials" / best.trial_id / "config.yaml"
+        if config_file.exists():
+            client.log_artifact(parent, str(config_file), "champion")
+    client.set_terminated(parent, "FINISHED")
+    return result
+
+
+def _close_child_runs(client: Any, experiment_id: str, parent: str, rows: list[TrialRow], metric: str) -> None:
+    """Trials stopped by ASHA end without running their own epilogue: their child run is closed here."""
+    by_trial = {r.trial_id: r for r in rows}
+    for run in client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
+        # W > 1 trials are logged by the Ray Train workers, under the trial folder's name (the trial id)
+        row = by_trial.get(run.data.tags.get("raysemi.trial_id") or run.info.run_name)
+        if row is None:
+            continue
+        client.set_tag(run.info.run_id, "raysemi.trial_status", row.status)
+        client.log_metric(run.info.run_id, "trial_iterations_run", row.iterations)
+        if row.best is not None:
+            client.log_metric(run.info.run_id, f"best_{metric}", row.best)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, MLFLOW_STATUS[row.status])
+
+
+def write_leaderboard(rows: list[TrialRow], metric: str, folder: Path) -> dict[str, Path]:
+    names = sorted({k for r in rows for k in r.params})
+    csv_path, md_path = folder / "leaderboard.csv", folder / "leaderboard.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "trial", f"best_{metric}", "iterations", "status", *names])
+        for rank, r in enumerate(rows, 1):
+            writer.writerow([rank, r.trial_id, r.best, r.iterations, r.status, *(r.params.get(n) for n in names)])
+    lines = [f"| rank | trial | best {metric} | iterations | status | " + " | ".join(names) + " |",
+             "|" + "---|" * (5 + len(names))]
+    for rank, r in enumerate(rows, 1):
+        best = f"{r.best:.4f}" if r.best is not None else "-"
+        values = " | ".join(_cell(r.params.get(n)) for n in names)
+        lines.append(f"| {rank} | {r.trial_id} | {best} | {r.iterations} | {r.status} | {values} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return {"csv": csv_path, "md": md_path}
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def optuna_plots(study_dir: Path, name: str) -> dict[str, Any]:
+    """Optimisation history and parameter importances (matplotlib backend of optuna.visualization). Importance
+    needs two completed trials whose parameters differ; otherwise it is skipped and the reason recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_mpl
+
+    from raysemi.engine.tune import OPTUNA_FILE
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / OPTUNA_FILE}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    files, notes = [], {}
+    if complete:
+        ax = optuna_mpl.plot_optimization_history(study)
+        path = study_dir / "optimization_history.png"
+        ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(ax.figure)
+        files.append(path)
+    varying = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
+    if len(complete) >= 2 and varying:
+        try:
+            ax = optuna_mpl.plot_param_importances(study)
+            path = study_dir / "param_importances.png"
+            ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+            files.append(path)
+        except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+            notes["param_importances"] = f"skipped: {str(exc).splitlines()[0][:200]}"
+    else:
+        notes["param_importances"] = "skipped: needs >= 2 completed trials with differing parameters"
+    return {"files": files, "notes": notes}

@@ -1,0 +1,442 @@
+"""Hyperparameter studies: Ray Tune + Optuna (TPE or random) + ASHA over a method's search space, one MLflow
+parent run per study with a child run per trial, and the best checkpoint registered as the model's champion.
+
+Layout: the study folder ``<out>/<name>`` holds Tune's experiment state (what ``--resume`` restores), the Optuna
+RDB ``optuna.db`` (the study persists), ``study.json`` (parent run id and options), ``trials/<trial_id>/`` (each
+trial's run folder: config, split, summary) and the leaderboard.
+
+Trials. A trial with at most one worker runs the plain loop inside Tune's function trainable through
+``TuneRuntime``, which reports every evaluation to Tune with its checkpoint; the trial process ends when the trial
+ends (or is stopped), which frees its GPU memory. A trial with more workers runs a TorchTrainer inside the trial
+(``raysemi.engine.distributed``); its workers are not in the trial's placement group, so the number of concurrent
+trials is capped by what the cluster can hold: ``cluster CPUs // (driver CPU + W x cpus_per_worker)``.
+
+ASHA. ``time_attr`` is ``training_iteration``, i.e. the number of evaluations reported so far
+(``max_t = ceil(iters / eval_every)``). Grace-period rule: a trial is never judged before its unsupervised signal is
+at full strength, so ``grace = ceil(w x iters / eval_every)`` evaluations, ``w`` the longest warm-up fraction of
+the space (``search_space.warmup_fraction``: upper bounds of ``*rampup*`` fields, consecutive ``*_stage`` fields
+summed, study values for fields not searched), at least 1 and at most ``max_t``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysemi.config import Config, from_dict, merge, to_dict
+from raysemi.engine.checkpoint import STATE_FILE, load_state, save_atomic
+from raysemi.engine.loop import Runtime, Trainer
+from raysemi.engine.search_space import SearchSpace, default_space_path, load_space, warmup_fraction
+from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, ensure_experiment
+from raysemi.errors import ConfigError
+
+DEFAULT_ITERS = 180
+DEFAULT_EVALS = 6
+#: Method settings for quick CPU studies on ``synthetic`` with the ``tiny`` model (the paper-sized flaw detector
+#: and CCT's 30 auxiliary decoders cost seconds per step on a CPU); the user's own ``--set`` values win.
+CPU_QUICK_SETTINGS: dict[str, dict[str, Any]] = {
+    "gcl": {"detector_width": 0.25, "detector_min_input": 64},
+    "cct": {k: 1 for k in ("vat", "drop", "cutout", "context_mask", "object_mask", "feature_drop", "feature_noise")},
+}
+STUDY_FILE = "study.json"
+OPTUNA_FILE = "optuna.db"
+
+
+@dataclass
+class TuneOptions:
+    """What ``raysemi tune`` controls beyond the trial config. ``cpus_per_trial`` is the trial driver's CPU
+    reservation (and the trial's torch threads on the plain path)."""
+
+    space: str | None = None
+    trials: int = 8
+    workers_per_trial: int = 0
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    concurrency: int = 2
+    searcher: str = "optuna"
+    scheduler: str = "asha"
+    reduction_factor: int = 2
+    address: str | None = None
+    storage: str | None = None
+    name: str | None = None
+    resume: bool = False
+    out: str = "runs/tune"
+    model_name: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"--trials: must be >= 1, got {self.trials}")
+        if self.concurrency < 1:
+            raise ConfigError(f"--concurrency: must be >= 1, got {self.concurrency}")
+        if self.searcher not in ("optuna", "random", "grid"):
+            raise ConfigError(f"--searcher: expected optuna, random or grid, got {self.searcher!r}")
+        if self.scheduler not in ("asha", "none"):
+            raise ConfigError(f"--scheduler: expected asha or none, got {self.scheduler!r}")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"--reduction-factor: must be >= 2, got {self.reduction_factor}")
+        if self.workers_per_trial < 0 or self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
+            raise ConfigError("--workers-per-trial, --gpus-per-trial must be >= 0 and the trial CPUs > 0")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError(f"--name: expected a folder name without '/', got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Iterations, evaluations and the ASHA rungs of a study."""
+
+    iters: int
+    eval_every: int
+    max_t: int
+    grace: int
+    warmup: float
+
+
+def plan_budget(cfg: Config, space: SearchSpace) -> Budget:
+    iters = cfg.train.iters
+    eval_every = cfg.train.eval_every if cfg.train.eval_every > 0 else max(1, iters // DEFAULT_EVALS)
+    max_t = math.ceil(iters / eval_every)
+    warmup = warmup_fraction(space, cfg.method_params)
+    grace = min(max(1, math.ceil(warmup * iters / eval_every)), max_t)
+    return Budget(iters, eval_every, max_t, grace, warmup)
+
+
+def quick_settings(method: str, dataset: str, model: str, user_sets: list[str]) -> list[str]:
+    """``--set`` entries of ``CPU_QUICK_SETTINGS`` for a synthetic/tiny study, minus the keys the user set."""
+    if dataset != "synthetic" or model != "tiny":
+        return []
+    given = {item.split("=", 1)[0].strip() for item in user_sets}
+    entries = {f"method.{k}": v for k, v in CPU_QUICK_SETTINGS.get(method, {}).items()}
+    return [f"{k}={v}" for k, v in entries.items() if k not in given]
+
+
+def study_name(cfg: Config, opts: TuneOptions) -> str:
+    return opts.name or f"{cfg.data.dataset}-{cfg.method_name}"
+
+
+# ----------------------------------------------------------------------------------------------- inside a trial
+class TuneRuntime(Runtime):
+    """The plain loop inside a Tune function trainable: every evaluation goes to Tune with its checkpoint, and a
+    restored trial continues from the checkpoint Tune hands back."""
+
+    def restore(self) -> dict[str, Any] | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state(Path(folder) / STATE_FILE)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
+        from ray import tune
+
+        if state is None:
+            tune.report(metrics)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_atomic(state, Path(tmp) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        return None
+
+
+class TrialMlflowCallback(MlflowCallback):
+    """The trial's child run; a trial restored after an interruption continues its own run instead of
+    opening a second one."""
+
+    def __init__(self, cfg: Config, parent_run_id: str, trial_id: str, sampled: dict[str, Any]) -> None:
+        super().__init__(cfg, parent_run_id=parent_run_id, run_name=trial_id,
+                         extra_params={"trial_id": trial_id, **{f"search.{k}": v for k, v in sampled.items()}})
+        self.trial_id = trial_id
+
+    def on_start(self, trainer: Trainer) -> None:
+        experiment_id = ensure_experiment(self.uri, self.experiment)
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`raysemi.trial_id` = '{self.trial_id}'",
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        super().on_start(trainer)
+        assert self.run_id is not None
+        self.client.set_tag(self.run_id, "raysemi.trial_id", self.trial_id)
+        self.client.set_tag(self.run_id, "raysemi.trial_status", "running")
+
+
+def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
+    """Tune function trainable: one training run with the sampled hyperparameters."""
+    from ray import tune
+
+    space: SearchSpace = context["space"]
+    trial_id = tune.get_context().get_trial_id()
+    values = merge(context["base"], {})
+    for section, fields in space.overrides(sampled).items():
+        values[section] = {**values.get(section, {}), **fields}
+    values["out"] = str(Path(context["study_dir"]) / "trials" / trial_id)
+    cfg = from_dict(values)
+    if context["workers_per_trial"] > 1:
+        _run_distributed_trial(cfg, context)
+        return
+    callbacks = []
+    if cfg.tracking.enabled:
+        callbacks.append(TrialMlflowCallback(cfg, context["parent_run_id"], trial_id, space.decode(sampled)))
+    trainer = Trainer(cfg, TuneRuntime(Path(cfg.out)), callbacks)
+    try:
+        trainer.fit()
+        for cb in callbacks:
+            if cb.run_id:
+                cb.client.set_tag(cb.run_id, "raysemi.trial_status", "completed")
+    finally:
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run_distributed_trial(cfg: Config, context: dict[str, Any]) -> None:
+    """W > 1: a TorchTrainer inside the trial (``distributed.fit_distributed``); ``TuneReportCallback`` forwards
+    rank 0's reports to Tune (checkpoints arrive as ``checkpoint_path``). A restored trial re-launches the same
+    run name on the same storage, which resumes it from its latest checkpoint."""
+    import dataclasses
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysemi.engine.distributed import _run_exists, fit_distributed
+
+    storage = cfg.distributed.storage or str(Path(context["study_dir"]) / "ray")
+    cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, storage=storage))
+    name = Path(cfg.out).name
+    fit_distributed(cfg, resume=_run_exists(storage, name), run_name=name, ray_callbacks=[TuneReportCallback()],
+                    mlflow_parent_run_id=context["parent_run_id"], progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- the study
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    best: float | None
+    iterations: int
+    status: str
+    checkpoint: str | None
+    started_at: float | None = None
+
+
+def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
+    """Run (or resume) a study and return its summary; the leaderboard rows are under ``leaderboard``."""
+    opts.validate()
+    out = Path(opts.out).resolve()
+    name = study_name(cfg, opts)
+    study_dir = out / name
+    space_path = opts.space or default_space_path(cfg.method_name)
+    space = load_space(space_path, cfg.method_name, _without_out(to_dict(cfg)))
+    budget = plan_budget(cfg, space)
+    values = to_dict(cfg)
+    values["train"] = {**values["train"], "eval_every": budget.eval_every, "checkpoint_every": budget.eval_every}
+    values["tracking"] = {**values["tracking"], "uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)}
+    if opts.workers_per_trial <= 1:
+        values["train"]["threads"] = values["train"]["threads"] or max(1, int(opts.cpus_per_trial))
+    values["distributed"] = {**values["distributed"], "workers": opts.workers_per_trial,
+                             "gpu": opts.gpus_per_trial > 0, "address": opts.address}
+    base = from_dict(values)
+    _check_study_folder(study_dir, opts.resume)
+    study = _open_study_record(study_dir, base, opts, space, budget, name)
+
+    import ray
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # finished trials reach the saved state promptly
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=opts.address, log_to_driver=False)
+    try:
+        return _run(cfg, opts, base, space, budget, study, study_dir, out, name)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(cfg: Config, opts: TuneOptions, base: Config, space: SearchSpace, budget: Budget, study: dict[str, Any],
+         study_dir: Path, out: Path, name: str) -> dict[str, Any]:
+    from ray import tune
+
+    per_trial_cpus, concurrency = _concurrency(opts, base)
+    context = {"space": space, "base": _without_out(to_dict(base)), "study_dir": str(study_dir),
+               "parent_run_id": study["parent_run_id"], "workers_per_trial": opts.workers_per_trial}
+    resources = {"cpu": per_trial_cpus}
+    if opts.workers_per_trial <= 1 and opts.gpus_per_trial > 0:
+        resources["gpu"] = opts.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    tuner = _tuner(trainable, base, opts, space, budget, name, out, study_dir, concurrency)
+    grid = tuner.fit()
+    rows = _rows(grid, space, budget)
+    finished = grid.num_terminated + grid.num_errors == opts.trials
+    summary = {"study": name, "study_dir": str(study_dir), "method": cfg.method_name, "dataset": cfg.data.dataset,
+               "tracking_uri": study["tracking_uri"], "parent_run_id": study["parent_run_id"], "experiment": base.tracking.experiment,
+               "metric": space.metric, "mode": space.mode, "budget": asdict(budget), "concurrency": concurrency,
+               "leaderboard": [asdict(r) for r in rows], "interrupted": not finished}
+    if not finished:
+        return summary
+    from raysemi.engine import study_report
+
+    summary.update(study_report.finish(base, space, rows, study_dir, study, opts.model_name or name))
+    return summary
+
+
+def _without_out(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != "out"}
+
+
+def _check_study_folder(study_dir: Path, resume: bool) -> None:
+    from ray import tune
+
+    exists = (study_dir / STUDY_FILE).exists()
+    if resume and not (exists and tune.Tuner.can_restore(str(study_dir))):
+        raise ConfigError(f"{study_dir}: --resume given but there is no study to resume there")
+    if not resume and exists:
+        raise ConfigError(f"{study_dir}: a study with this name exists; pass --resume to continue it or --name for a new one")
+
+
+def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, space: SearchSpace, budget: Budget,
+                       name: str) -> dict[str, Any]:
+    """The parent MLflow run of a new study (params: space, searcher, scheduler, budget), or the saved one."""
+    record_path = study_dir / STUDY_FILE
+    if opts.resume:
+        return json.loads(record_path.read_text())
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    uri = str(cfg.tracking.uri)
+    try:
+        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+    except Exception as exc:  # MLflow raises many types for an unreachable or bad store
+        raise ConfigError(f"tracking.uri {uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
+    client = MlflowClient(uri)
+    tags = {"raysemi.study": name, "raysemi.method": cfg.method_name, "raysemi.dataset": cfg.data.dataset,
+            "raysemi.kind": "study"}
+    run = client.create_run(experiment_id, run_name=f"study-{name}", tags=tags)
+    params = {"space": json.dumps(space.as_dict()), "space_file": space.path, "searcher": opts.searcher,
+              "scheduler": opts.scheduler, "trials": opts.trials, "iters": budget.iters,
+              "eval_every": budget.eval_every, "asha_max_t": budget.max_t, "asha_grace": budget.grace,
+              "asha_reduction_factor": opts.reduction_factor, "warmup_fraction": budget.warmup,
+              "workers_per_trial": opts.workers_per_trial, "gpus_per_trial": opts.gpus_per_trial,
+              "concurrency": opts.concurrency, "seed": opts.seed, "model": cfg.model.name,
+              "labeled": cfg.data.labeled}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    record = {"name": name, "parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+              "options": asdict(opts)}
+    study_dir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
+    """CPUs reserved by a trial's driver and how many trials the cluster holds at once without deadlock."""
+    import ray
+
+    available = ray.cluster_resources()
+    cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    if opts.workers_per_trial <= 1:
+        need_cpu, need_gpu, driver = opts.cpus_per_trial, opts.gpus_per_trial, opts.cpus_per_trial
+    else:
+        # The trial's driver holds 1 CPU; its Train workers need theirs outside the trial's placement group.
+        driver = 1.0
+        need_cpu = driver + opts.workers_per_trial * cfg.distributed.cpus_per_worker
+        need_gpu = opts.workers_per_trial * (1.0 if opts.gpus_per_trial > 0 else 0.0)
+    fits = int(cpus // need_cpu) if need_cpu else opts.concurrency
+    if need_gpu:
+        fits = min(fits, int(gpus // need_gpu))
+    if fits < 1:
+        raise ConfigError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU; the Ray cluster has {cpus:g} CPU and {gpus:g} GPU")
+    return driver, min(opts.concurrency, fits)
+
+
+def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, space: SearchSpace, budget: Budget, name: str,
+           out: Path, study_dir: Path, concurrency: int) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    if opts.resume:
+        return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
+    if opts.searcher == "grid":
+        if any(p.type != "choice" for p in space.params):
+            raise ConfigError(f"{space.path}: --searcher grid needs every parameter to be of type choice")
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
+            {p.sampled_name: list(p.values) for p in space.params}, seed=opts.seed)
+    elif opts.searcher == "optuna":
+        sampler = optuna.samplers.TPESampler(seed=opts.seed)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=opts.seed)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
+    searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, storage=storage, study_name=name)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=budget.max_t, grace_period=budget.grace,
+                               reduction_factor=opts.reduction_factor)
+                 if opts.scheduler == "asha" else FIFOScheduler())
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=str(Path(opts.storage).resolve()) if opts.storage and "://" not in opts.storage else (opts.storage or str(out)),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=space.metric,
+                                                checkpoint_score_order=space.mode),
+        failure_config=tune.FailureConfig(max_failures=cfg.distributed.max_failures),
+        verbose=1,
+    )
+    tune_config = tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
+                                  num_samples=opts.trials, max_concurrent_trials=concurrency)
+    return tune.Tuner(trainable, param_space=space.tune_space(), tune_config=tune_config, run_config=run_config)
+
+
+def _rows(grid: Any, space: SearchSpace, budget: Budget) -> list[TrialRow]:
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        metrics = result.metrics or {}
+        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        sampled = metrics.get("config") or {}
+        best = None
+        if df is not None and space.metric in df and df[space.metric].notna().any():
+            best = float(df[space.metric].max() if space.mode == "max" else df[space.metric].min())
+        iterations = int(metrics.get("iteration", 0) or 0)
+        if result.error is not None:
+            status = "error"
+        elif iterations >= budget.iters:
+            status = "completed"
+        else:
+            status = "early-stopped" if metrics else "not-started"
+        checkpoint = None
+        with contextlib.suppress(Exception):  # no checkpoint reported: the trial failed before its first eval
+            best_ckpt = result.get_best_checkpoint(space.metric, space.mode)
+            checkpoint = best_ckpt.path if best_ckpt is not None else None
+        if checkpoint is None and best is not None and "checkpoint_path" in df:
+            # W > 1: Tune only sees the inner TorchTrainer's checkpoint paths
+            ranked = df[df["checkpoint_path"].notna()].sort_values(space.metric, ascending=space.mode == "min")
+            checkpoint = str(ranked["checkpoint_path"].iloc[0]) if len(ranked) else None
+        started_at = float(df["timestamp"].min()) if df is not None and "timestamp" in df and len(df) else None
+        rows.append(TrialRow(trial_id, space.decode(sampled), best, iterations, status, checkpoint, started_at))
+    rows.sort(key=lambda r: (r.best is None, -(r.best or 0.0) if space.mode == "max" else (r.best or 0.0)))
+    return rows
+
+
+def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:
+    """Plain-text table: trial, best metric, iterations run, status, params."""
+    lines = [f"{'trial':<12} {'best ' + metric:>14} {'iters':>6}  {'status':<14} params"]
+    for r in rows:
+        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
+        params = ", ".join(f"{k}={_short(v)}" for k, v in r["params"].items())
+        lines.append(f"{r['trial_id']:<12} {best:>14} {r['iterations']:>6}  {r['status']:<14} {params}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,268 @@
+"""raysemi tune: search-space files, the ASHA budget rule, a 3-trial study with MLflow parent/child runs and a
+registered champion, resume after an interrupted driver, and the MLflow REST API as the UI reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysemi.cli import main
+from raysemi.config import from_dict
+from raysemi.engine.search_space import default_space_path, load_space
+from raysemi.engine.tune import plan_budget, quick_settings
+from raysemi.errors import ConfigError
+from raysemi.methods import METHODS
+
+# lr 1e-5 learns nothing in 10 steps, 0.03 does; the random sampler with seed 0 draws bad, good, bad, so ASHA
+# (reduction factor 3, grace 1) must stop the third trial at its first rung.
+SPACE = {"metric": "val/miou", "mode": "max", "params": {"optim.lr": {"type": "choice", "values": [0.03, 1.0e-5]}}}
+STUDY_ARGS = [
+    "--method", "supervised", "--trials", "3", "--iters", "20", "--set", "train.eval_every=5",
+    "--set", "data.synthetic_train=48", "--set", "data.synthetic_val=16", "--concurrency", "1",
+    "--reduction-factor", "3", "--searcher", "random", "--seed", "0",
+]
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_has_a_valid_space(method: str) -> None:
+    space = load_space(default_space_path(method), method)
+    assert space.metric == "val/miou" and space.mode == "max"
+    assert any(p.name == "optim.lr" for p in space.params)
+
+
+def test_log1m_searches_the_complement_and_decodes_it() -> None:
+    space = load_space(default_space_path("mt"), "mt")
+    domain = space.tune_space()["1-ema_decay"]
+    assert (domain.lower, domain.upper) == pytest.approx((1e-4, 0.1))
+    assert space.decode({"1-ema_decay": 0.01})["ema_decay"] == pytest.approx(0.99)
+    assert space.overrides({"1-ema_decay": 0.01, "optim.lr": 0.002}) == {"method": {"ema_decay": pytest.approx(0.99)}, "optim": {"lr": 0.002}}
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"lambda_x": {"type": "uniform", "low": 0, "high": 1}}, "params.lambda_x: not a hyperparameter of 'gcl'"),
+        ({"xi": {"type": "uniform", "low": 0.8, "high": 0.3}}, "params.xi: empty or inverted range"),
+        ({"xi": {"type": "uniform", "low": 0.5, "high": 0.5}}, "params.xi: empty or inverted range"),
+        ({"xi": {"type": "gaussian", "low": 0.3, "high": 0.8}}, "params.xi.type: expected one of"),
+        ({"fd_lr": {"type": "loguniform", "low": 0, "high": 1}}, "params.fd_lr.low: loguniform needs low > 0"),
+        ({"xi": {"type": "log1m", "low": 0.3, "high": 1.0}}, "params.xi.high: log1m"),
+        ({"nu": {"type": "int", "low": 1.5, "high": 3}}, "params.nu: type int needs integer"),
+        ({"nu": {"type": "choice", "values": ["two"]}}, "params.nu: value 'two' rejected"),
+        ({"optim.momentum_x": {"type": "uniform", "low": 0, "high": 1}}, "params.optim.momentum_x: unknown config key"),
+        ({"xi": {"type": "uniform", "low": 0.3, "hi": 0.8}}, "params.xi.hi: unknown key"),
+        ({"xi": {"type": "uniform", "low": "a", "high": 0.8}}, "params.xi.low: expected a number"),
+    ],
+)
+def test_bad_space_files_fail_with_one_line(tmp_path: Path, params: dict, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"metric": "val/miou", "mode": "max", "params": params}))
+    with pytest.raises(ConfigError) as info:
+        load_space(path, "gcl")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path)) and expected in message
+
+
+def test_bad_mode_and_empty_params(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("metric: val/miou\nmode: maximise\nparams: {xi: {type: uniform, low: 0.3, high: 0.8}}\n")
+    with pytest.raises(ConfigError, match="mode: expected max or min"):
+        load_space(path, "gcl")
+    path.write_text("metric: val/miou\nmode: max\nparams: {}\n")
+    with pytest.raises(ConfigError, match="params: expected a non-empty mapping"):
+        load_space(path, "gcl")
+
+
+def test_grace_period_covers_the_longest_rampup() -> None:
+    # gcl: dc_rampup searched up to 0.3 of T; 180 iterations, an evaluation every 30 -> 6 rungs, grace ceil(1.8)=2
+    cfg = from_dict({"method": {"name": "gcl"}, "train": {"iters": 180, "eval_every": 30}})
+    budget = plan_budget(cfg, load_space(default_space_path("gcl"), "gcl"))
+    assert (budget.max_t, budget.grace, budget.warmup) == (6, 2, pytest.approx(0.3))
+    # selfcorr: consecutive stages 0.3 + 0.1 of T before the W images count; 100 iterations, eval every 10 -> 4
+    cfg = from_dict({"method": {"name": "selfcorr"}, "train": {"iters": 100, "eval_every": 10}})
+    budget = plan_budget(cfg, load_space(default_space_path("selfcorr"), "selfcorr"))
+    assert (budget.max_t, budget.grace) == (10, 4)
+    # no ramp-up: judged after the first evaluation; iters not a multiple of eval_every adds the final rung
+    cfg = from_dict({"method": {"name": "supervised"}, "train": {"iters": 25, "eval_every": 10}})
+    budget = plan_budget(cfg, load_space(default_space_path("supervised"), "supervised"))
+    assert (budget.max_t, budget.grace) == (3, 1)
+
+
+def test_quick_cpu_settings_yield_to_the_user() -> None:
+    assert quick_settings("gcl", "synthetic", "tiny", []) == ["method.detector_width=0.25", "method.detector_min_input=64"]
+    assert quick_settings("gcl", "synthetic", "tiny", ["method.detector_width=1.0"]) == ["method.detector_min_input=64"]
+    assert quick_settings("gcl", "camvid", "tiny", []) == []
+
+
+# ----------------------------------------------------------------------------------------------- studies
+def _space_file(folder: Path) -> Path:
+    path = folder / "lr.yaml"
+    path.write_text(yaml.safe_dump(SPACE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    argv = ["tune", *STUDY_ARGS, "--space", str(_space_file(folder)), "--out", str(folder), "--tracking-uri", uri, "--json"]
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    captured = StringIO()
+    with redirect_stdout(captured):
+        assert main(argv) == 0
+    summary = json.loads(captured.getvalue().strip().splitlines()[-1])
+    return {"folder": folder, "uri": uri, "summary": summary, "stdout": captured.getvalue()}
+
+
+def _children(uri: str, parent: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("raysemi")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+@pytest.mark.ray
+def test_study_logs_parent_and_children_and_stops_a_bad_trial(study: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    summary, uri = study["summary"], study["uri"]
+    parent = MlflowClient(uri).get_run(summary["parent_run_id"])
+    assert parent.data.params["searcher"] == "random" and parent.data.params["asha_grace"] == "1"
+    assert parent.data.params["asha_max_t"] == "4" and parent.info.status == "FINISHED"
+    children = _children(uri, summary["parent_run_id"])
+    assert len(children) == 3
+    statuses = sorted(c.data.tags["raysemi.trial_status"] for c in children)
+    assert "early-stopped" in statuses and "completed" in statuses
+    for child in children:
+        assert child.info.status == "FINISHED" and "val/miou" in child.data.metrics
+        assert child.data.params["search.optim.lr"] in ("0.03", "1e-05")
+    stopped = [c for c in children if c.data.tags["raysemi.trial_status"] == "early-stopped"]
+    assert all(c.data.metrics["trial_iterations_run"] < 20 for c in stopped)
+    assert summary["best_params"] == {"optim.lr": 0.03}
+    board = (Path(summary["study_dir"]) / "leaderboard.csv").read_text().splitlines()
+    assert len(board) == 4 and board[1].split(",")[1] == summary["best_trial"]
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(summary["parent_run_id"], "plots")}
+    assert artifacts == {"plots/optimization_history.png", "plots/param_importances.png"}
+    assert "mlflow ui --backend-store-uri" in study["stdout"]
+
+
+@pytest.mark.ray
+def test_champion_loads_through_eval_and_moves_only_when_beaten(study: dict, capsys: pytest.CaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raysemi.engine.registry_models import download_checkpoint, register_checkpoint
+
+    summary, uri = study["summary"], study["uri"]
+    name = summary["model_name"]
+    assert name == "synthetic-supervised"
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == summary["model_version"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", f"models:/{name}@champion", "--tracking-uri", uri, "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["val_miou"] == pytest.approx(summary["best_metric"], abs=1e-9)
+    state = download_checkpoint(f"models:/{name}/{summary['model_version']}", uri)
+    worse = register_checkpoint(state, uri, summary["parent_run_id"], name, summary["best_metric"] - 0.01)
+    assert not worse["champion_moved"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == summary["model_version"]
+    better = register_checkpoint(state, uri, summary["parent_run_id"], name, summary["best_metric"] + 0.01)
+    assert better["champion_moved"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_mlflow_server_serves_the_study_as_the_ui_reads_it(study: dict) -> None:
+    summary, uri = study["summary"], study["uri"]
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not come up")
+                time.sleep(0.5)
+        experiment = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=raysemi").read())
+        body = json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]],
+                           "filter": f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"}).encode()
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+        children = json.loads(urllib.request.urlopen(request).read())["runs"]
+        assert len(children) == 3
+        parent = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={summary['parent_run_id']}").read())
+        assert parent["run"]["info"]["status"] == "FINISHED"
+        query = urllib.parse.urlencode({"name": summary["model_name"], "alias": "champion"})
+        alias = json.loads(urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/alias?{query}").read())
+        assert alias["model_version"]["name"] == summary["model_name"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.ray
+def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    args = [*STUDY_ARGS, "--space", str(_space_file(tmp_path)), "--out", str(tmp_path), "--tracking-uri", uri,
+            "--scheduler", "none", "--name", "resumable"]
+    study_dir = tmp_path / "resumable"
+    driver = subprocess.Popen([sys.executable, "-m", "raysemi.cli", "tune", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while _complete_optuna_trials(study_dir / "optuna.db") < 1:
+            assert driver.poll() is None, "the study ended before it could be interrupted"
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        time.sleep(2)  # lets Tune save its state after the completion (TUNE_GLOBAL_CHECKPOINT_S=1)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (study_dir / "trials").glob("*/summary.json")}
+    assert len(finished) >= 1
+    assert main(["tune", *args, "--resume"]) == 0
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (study_dir / "trials").glob("*/summary.json")}
+    assert len(after) == 3 and all(after[t] == finished[t] for t in finished)
+    assert _complete_optuna_trials(study_dir / "optuna.db") == 3
+    parent = json.loads((study_dir / "study.json").read_text())["parent_run_id"]
+    assert len(_children(uri, parent)) == 3
+
+
+def _complete_optuna_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
