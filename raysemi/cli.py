@@ -60,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("tune", help="hyperparameter study: Ray Tune + Optuna + ASHA, MLflow runs, registered champion")
+    _add_run_args(p)
+    p.add_argument("--space", help="search-space YAML (default search_spaces/<method>.yaml)")
+    p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
+    p.add_argument("--workers-per-trial", type=int, default=0, help="Ray Train workers per trial; <= 1 runs the loop in the trial process")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (per worker when workers > 1)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved by a trial's driver (default 1)")
+    p.add_argument("--concurrency", type=int, default=2, help="trials at once, capped by the cluster's resources (default 2)")
+    p.add_argument("--searcher", choices=["optuna", "random", "grid"], default="optuna", help="Optuna TPE, random sampling, or a grid over choice-only spaces")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="ASHA early stopping or none")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
+    p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
+    p.add_argument("--name", help="study name (default <dataset>-<method>); the study folder is <out>/<name>")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument("--out", dest="study_out", default="runs/tune", help="folder of studies (default runs/tune)")
+    p.add_argument("--model-name", help="registered model name (default: the study name)")
+
     p = sub.add_parser("report", help="compare finished MLflow training runs: report.md, report.html and plots")
     p.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment name(s) (default: every experiment)")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="these runs only (a study's parent run adds its optimisation history)")
@@ -182,6 +200,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raysemi.engine.tune import DEFAULT_ITERS, TuneOptions, format_leaderboard, quick_settings, run_study
+
+    if not args.method:
+        raise RaysemiError("--method is required")
+    if args.iters is None and not args.config:
+        args.iters = DEFAULT_ITERS
+    dataset = args.dataset or "synthetic"
+    model = args.model or ("tiny" if dataset == "synthetic" else "lraspp_mobilenet_v3")
+    args.set = quick_settings(args.method, dataset, model, args.set) + args.set
+    cfg = run_config_from_args(args)
+    opts = TuneOptions(
+        space=args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
+        gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency,
+        searcher=args.searcher, scheduler=args.scheduler, reduction_factor=args.reduction_factor,
+        address=args.address, storage=args.storage, name=args.name, resume=args.resume, out=args.study_out,
+        model_name=args.model_name, seed=cfg.train.seed,
+    )
+    summary = run_study(cfg, opts)
+    print(format_leaderboard(summary["leaderboard"], summary["metric"]))
+    if summary["interrupted"]:
+        print(f"study {summary['study']} interrupted; continue it with the same command plus --resume", file=sys.stderr)
+        return 130
+    registered = summary.get("registered") or {}
+    if registered:
+        alias = "now champion" if registered["champion_moved"] else "champion unchanged"
+        print(f"best trial {summary['best_trial']}: {summary['metric']} {summary['best_metric']:.4f} -> "
+              f"models:/{registered['model_name']}/{registered['version']} ({alias})")
+    print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}  (parent run {summary['parent_run_id']})")
+    if args.json:
+        keys = ("study", "best_trial", "best_params", "best_metric", "parent_run_id", "tracking_uri", "study_dir")
+        print(json.dumps({**{k: summary.get(k) for k in keys}, "model_name": registered.get("model_name"),
+                          "model_version": registered.get("version"), "champion_moved": registered.get("champion_moved")}, default=str))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -215,6 +269,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "train": cmd_train,
     "eval": cmd_eval,
+    "tune": cmd_tune,
     "report": cmd_report,
     "doctor": cmd_doctor,
 }
