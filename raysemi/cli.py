@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config_from_args(args: argparse.Namespace) -> Any:
     """Defaults < --config file < flags < --set."""
-    from raysemi.config import apply_overrides, from_dict, load_yaml, merge
+    from raysemi.config import apply_overrides, from_dict, merge
+    from raysemi.recipes import load_recipe, resolve_references
 
-    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    values: dict[str, Any] = load_recipe(args.config) if args.config else {}
     flags: dict[str, dict[str, Any]] = {"method": {}, "data": {}, "model": {}, "train": {}, "tracking": {}, "distributed": {}}
     if args.method:
         flags["method"]["name"] = args.method
@@ -128,7 +129,7 @@ def run_config_from_args(args: argparse.Namespace) -> Any:
     elif "out" not in values:
         method = values.get("method", {}).get("name", "supervised")
         values["out"] = f"runs/{method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return from_dict(values)
+    return from_dict(resolve_references(values))
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
