@@ -17,7 +17,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +104,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (step costs are then measured under shared CPUs)")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE", help="override for one method only, e.g. gcl:method.detector_width=0.25")
     parser.add_argument("--experiment", help="MLflow experiment (default: the out folder's name)")
@@ -123,14 +126,17 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
     done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else set()
-    for seed in args.seeds:
-        for method in methods:
-            if (method, seed) in done:
-                continue
-            row = run_one(args, method, seed, out)
-            with results_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    pending = [(method, seed) for seed in args.seeds for method in methods if (method, seed) not in done]
+    lock = threading.Lock()
+
+    def run_and_record(job: tuple[str, int]) -> None:
+        row = run_one(args, job[0], job[1], out)
+        with lock, results_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(run_and_record, pending))
     rows = [json.loads(line) for line in results_file.read_text().splitlines()]
     command = "python " + " ".join(sys.argv)
     text = f"Command: `{command}`\n\n{table(rows)}\n"
