@@ -6,28 +6,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from raysemi.data.batch import IGNORE_INDEX, Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
     Hyperparameters,
-    Method,
     ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
+    MeanTeacherMethod,
     all_gather_cat,
     all_reduce_mean,
     component_box_mask,
     cross_entropy,
     cutmix_box_masks,
     ema_decay_at,
-    ema_update,
-    make_teacher,
     mix,
     ohem_cross_entropy,
     paste_by_class,
@@ -125,7 +122,7 @@ def adaptive_cutmix(
 
 
 @register_method("ael")
-class AEL(Method):
+class AEL(MeanTeacherMethod):
     """Adaptive Equalization Learning (Hu et al., NeurIPS 2021; method spec section 9).
 
     Mean teacher (EMA of parameters, warm-up decay; teacher BN statistics from its own train-mode forwards) with a
@@ -170,20 +167,9 @@ class AEL(Method):
         super().__init__(model_factory, info, hparams)
         if info.num_unlabeled < 1:
             raise ConfigError("ael needs DataInfo.num_unlabeled >= 1 to size its unlabelled class bank")
-        self.net = model_factory()
-        self.teacher = make_teacher(self.net)
         self.register_buffer("conf", torch.rand(info.num_classes))
         self.register_buffer("bank", torch.zeros(info.num_classes, info.num_unlabeled, dtype=torch.uint8))
         self.paste_candidates = [c for c in range(info.num_classes) if c not in set(info.easy_classes)]
-
-    def student(self) -> nn.Module:
-        return self.net
-
-    def eval_model(self) -> nn.Module:
-        return self.teacher
-
-    def extra_eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.net}
 
     def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
         hp = self.hp
@@ -229,10 +215,6 @@ class AEL(Method):
         return StepOutput(
             losses={"main": loss_sup + loss_unsup}, terms={"sup": loss_sup, "unsup": loss_unsup}, logs=logs
         )
-
-    def after_step(self, progress: Progress) -> None:
-        decay = ema_decay_at(progress.iteration, self.hp.ema_decay)
-        ema_update(self.teacher, self.net, decay, self.hp.ema_buffers)
 
     @torch.no_grad()
     def _copy_paste(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

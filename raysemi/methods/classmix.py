@@ -12,21 +12,17 @@ from torch import nn
 from raysemi.data.batch import Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
-    DataInfo,
     Hyperparameters,
-    Method,
-    ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
+    MeanTeacherMethod,
     classmix_masks,
     confidence_mask,
     cross_entropy,
     ema_decay_at,
-    ema_update,
-    make_teacher,
     mix,
     mse_prob,
     pseudo_label_accuracy,
@@ -68,7 +64,7 @@ def paste_on_partner(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("classmix")
-class ClassMix(Method):
+class ClassMix(MeanTeacherMethod):
     """ClassMix with a mean teacher (method spec section 8).
 
     Step: ``L_sup = CE(f_S(x_l), y_l)``; the EMA teacher predicts the weak unlabelled views, ``P = softmax``,
@@ -98,12 +94,7 @@ class ClassMix(Method):
     Hyper = ClassMixHyper
     probe_overrides = {"conf_threshold": 0.0}
 
-    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: ClassMixHyper) -> None:
-        super().__init__(model_factory, info, hparams)
-        self.net = model_factory()
-        self.teacher = make_teacher(self.net)
-
-    def student(self) -> nn.Module:
+    def eval_model(self) -> nn.Module:
         return self.net
 
     def extra_eval_models(self) -> dict[str, nn.Module]:
@@ -156,7 +147,3 @@ class ClassMix(Method):
             losses={"main": loss_sup + loss_unsup}, terms={"sup": loss_sup, "unsup": loss_unsup}, logs=logs
         )
 
-    def after_step(self, progress: Progress) -> None:
-        ema_update(
-            self.teacher, self.net, ema_decay_at(progress.iteration, self.hp.ema_decay), self.hp.ema_buffers
-        )

@@ -17,6 +17,7 @@ from scipy import ndimage
 from torch import nn
 
 from raysemi.data.batch import IGNORE_INDEX
+from raysemi.methods.base import DataInfo, Hyperparameters, Method, ModelFactory, Progress
 
 # ---------------------------------------------------------------------------------------------- ramp-ups
 
@@ -74,6 +75,32 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: st
             t.mul_(decay).add_(s, alpha=1.0 - decay)
         else:
             t.copy_(s)
+
+
+class MeanTeacherMethod(Method):
+    """A student trained by gradient and its EMA teacher (mt, cutmix, classmix, ael). The teacher is evaluated and
+    the student logged; the teacher follows the student after every optimizer step with the warm-up decay of
+    ``ema_decay_at``. Subclass hyperparameters declare ``ema_decay`` and ``ema_buffers``."""
+
+    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: Hyperparameters) -> None:
+        super().__init__(model_factory, info, hparams)
+        self.net = model_factory()
+        self.teacher = make_teacher(self.net)
+
+    def student(self) -> nn.Module:
+        return self.net
+
+    def eval_model(self) -> nn.Module:
+        return self.teacher
+
+    def extra_eval_models(self) -> dict[str, nn.Module]:
+        return {"student": self.net}
+
+    def ema_decay(self, progress: Progress) -> float:
+        return ema_decay_at(progress.iteration, self.hp.ema_decay)
+
+    def after_step(self, progress: Progress) -> None:
+        ema_update(self.teacher, self.net, self.ema_decay(progress), self.hp.ema_buffers)
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -11,22 +11,18 @@ from torch import nn
 from raysemi.data.batch import Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
-    DataInfo,
     Hyperparameters,
-    Method,
-    ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
     RAMPUPS,
+    MeanTeacherMethod,
     confidence_mask,
     cross_entropy,
     cutmix_box_masks,
     ema_decay_at,
-    ema_update,
-    make_teacher,
     mix_with_next,
     pseudo_label_accuracy,
     rampup,
@@ -64,7 +60,7 @@ class CutMixHyper(Hyperparameters):
 
 
 @register_method("cutmix")
-class CutMix(Method):
+class CutMix(MeanTeacherMethod):
     """CutMix-Seg with a mean teacher (method spec section 7).
 
     Step: ``L_sup = CE(f_S(x_l), y_l)``; one box mask M per unlabelled sample; the EMA teacher predicts the weak
@@ -91,14 +87,6 @@ class CutMix(Method):
 
     Hyper = CutMixHyper
     probe_overrides = {"conf_threshold": 0.0}
-
-    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: CutMixHyper) -> None:
-        super().__init__(model_factory, info, hparams)
-        self.net = model_factory()
-        self.teacher = make_teacher(self.net)
-
-    def student(self) -> nn.Module:
-        return self.net
 
     def eval_model(self) -> nn.Module:
         return self.target_net()
@@ -146,7 +134,7 @@ class CutMix(Method):
             "conf_fraction": float(confident.mean()),
             "ramp": ramp,
             "cons_raw": float(loss_cons.detach()),
-            "ema_decay": self.decay_at(progress),
+            "ema_decay": self.ema_decay(progress),
         }
         accuracy = pseudo_label_accuracy(teacher_logits.argmax(dim=1), unlabeled.eval_masks)
         if accuracy is not None:
@@ -155,14 +143,14 @@ class CutMix(Method):
             losses={"main": loss_sup + loss_unsup}, terms={"sup": loss_sup, "unsup": loss_unsup}, logs=logs
         )
 
-    def decay_at(self, progress: Progress) -> float:
+    def ema_decay(self, progress: Progress) -> float:
         return (
             ema_decay_at(progress.iteration, self.hp.ema_decay) if self.hp.ema_warmup else self.hp.ema_decay
         )
 
     def after_step(self, progress: Progress) -> None:
         if not self.hp.pi_mode:
-            ema_update(self.teacher, self.net, self.decay_at(progress), self.hp.ema_buffers)
+            super().after_step(progress)
 
 
 def _strong(batch: Batch) -> torch.Tensor:

@@ -5,23 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from raysemi.data.batch import Batch
 from raysemi.methods.base import (
-    DataInfo,
     Hyperparameters,
-    Method,
-    ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
+    MeanTeacherMethod,
     cross_entropy,
-    ema_decay_at,
-    ema_update,
-    make_teacher,
     mse_prob,
     rampup,
 )
@@ -38,7 +32,7 @@ class MeanTeacherHyper(Hyperparameters):
 
 
 @register_method("mt")
-class MeanTeacher(Method):
+class MeanTeacher(MeanTeacherMethod):
     """Mean Teacher (method spec section 4).
 
     Student on the strong view (weak geometry + photometric noise), EMA teacher on the weak view of the same crop;
@@ -55,20 +49,6 @@ class MeanTeacher(Method):
     """
 
     Hyper = MeanTeacherHyper
-
-    def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: MeanTeacherHyper) -> None:
-        super().__init__(model_factory, info, hparams)
-        self.net = model_factory()
-        self.teacher = make_teacher(self.net)
-
-    def student(self) -> nn.Module:
-        return self.net
-
-    def eval_model(self) -> nn.Module:
-        return self.teacher
-
-    def extra_eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.net}
 
     def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
         hp = self.hp
@@ -89,6 +69,3 @@ class MeanTeacher(Method):
             terms={"sup": loss_sup, "unsup": loss_unsup},
             logs={"ramp": ramp, "cons_raw": float(loss_cons.detach())},
         )
-
-    def after_step(self, progress: Progress) -> None:
-        ema_update(self.teacher, self.net, ema_decay_at(progress.iteration, self.hp.ema_decay), self.hp.ema_buffers)
