@@ -3,6 +3,7 @@ worker on each node; without an explicit storage path the run refuses to start."
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -11,20 +12,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from raysemi.config import from_dict
-from raysemi.engine.distributed import fit_distributed
-from raysemi.errors import ConfigError
-
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 pytestmark = pytest.mark.ray
 
 RAY = str(Path(sys.executable).with_name("ray"))
+RAYSEMI = str(Path(sys.executable).with_name("raysemi"))
 
 
 def free_port() -> int:
@@ -42,17 +39,27 @@ def start_node(args: list[str], temp_dir: str, env: dict[str, str]) -> subproces
     )
 
 
-def wait_for_nodes(count: int, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(node["Alive"] for node in ray.nodes()) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} Ray nodes did not come up")
-        time.sleep(1)
+def python(code: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Drivers run in fresh processes: a Ray driver that already talked to another cluster in this process (the
+    in-process cluster of test_ray_train) gets its TrainController cancelled on the second cluster."""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_nodes(address: str, count: int, env: dict[str, str]) -> None:
+    code = f"""
+import time, ray
+ray.init(address={address!r})
+deadline = time.monotonic() + 180
+while sum(n["Alive"] for n in ray.nodes()) < {count} and time.monotonic() < deadline:
+    time.sleep(1)
+print(sum(n["Alive"] for n in ray.nodes()))
+"""
+    out = python(code, env)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == [str(count)], out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    assert not ray.is_initialized()
     # Socket paths live under the temp dir and must stay short (AF_UNIX limit).
     temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -61,13 +68,10 @@ def two_nodes():
     ports = [f"--port={port}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     nodes = [start_node(["--head", *ports], temp_dir, env)]
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("RAY_AUTH_MODE", "disabled")
-            ray.init(address=address)
-            nodes.append(start_node([f"--address={address}"], temp_dir, env))
-            wait_for_nodes(2)
-            ray.shutdown()
-            yield address
+        wait_for_nodes(address, 1, env)
+        nodes.append(start_node([f"--address={address}"], temp_dir, env))
+        wait_for_nodes(address, 2, env)
+        yield address, env
     finally:
         for node in reversed(nodes):
             node.send_signal(signal.SIGTERM)
@@ -80,28 +84,42 @@ def two_nodes():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def config(out: Path, address: str, storage: Path | None):
-    return from_dict(
-        {
-            "method": {"name": "supervised"},
-            "model": {"name": "tiny"},
-            "data": {"synthetic_size": [32, 32], "crop_size": [32, 32], "synthetic_train": 64, "synthetic_val": 8, "batch_size": 2},
-            "train": {"iters": 2, "device": "cpu"},
-            "distributed": {"workers": 2, "address": address, "storage": str(storage) if storage else None},
-            "tracking": {"enabled": False},
-            "out": str(out),
-        }
-    )
+def config_values(out: Path, address: str, storage: Path | None) -> dict:
+    return {
+        "method": {"name": "supervised"},
+        "model": {"name": "tiny"},
+        "data": {"synthetic_size": [32, 32], "crop_size": [32, 32], "synthetic_train": 64, "synthetic_val": 8, "batch_size": 2},
+        "train": {"iters": 2, "device": "cpu"},
+        "distributed": {"workers": 2, "address": address, "storage": str(storage) if storage else None},
+        "tracking": {"enabled": False},
+        "out": str(out),
+    }
 
 
 def test_multi_node_needs_explicit_storage(two_nodes, tmp_path):
-    with pytest.raises(ConfigError, match="distributed.storage: a multi-node run needs a storage path"):
-        fit_distributed(config(tmp_path / "run", two_nodes, None), progress=False)
-    assert not ray.is_initialized()
+    address, env = two_nodes
+    out = subprocess.run(
+        [RAYSEMI, "train", "--method", "supervised", "--iters", "1", "--workers", "2",
+         "--address", address, "--no-mlflow", "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2
+    assert "distributed.storage: a multi-node run needs a storage path every node can reach" in out.stderr
 
 
 def test_spread_places_one_worker_per_node(two_nodes, tmp_path):
-    summary = fit_distributed(config(tmp_path / "run", two_nodes, tmp_path / "shared"), placement_strategy="SPREAD", progress=False)
+    address, env = two_nodes
+    values = config_values(tmp_path / "run", address, tmp_path / "shared")
+    code = f"""
+import json
+from raysemi.config import from_dict
+from raysemi.engine.distributed import fit_distributed
+summary = fit_distributed(from_dict({values!r}), placement_strategy="SPREAD", progress=False)
+print(json.dumps(summary, default=str))
+"""
+    out = python(code, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["cluster_nodes"] == 2 and summary["workers"] == 2
     assert len(set(summary["node_ids"])) == 2
     assert summary["eval_weight_digests"][0] == summary["eval_weight_digests"][1]

@@ -3,6 +3,7 @@ plain loop, every registered method under DDP, one MLflow run per training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from raysemi.engine.distributed import (
     RECORD_IDS_ENV,
     SCORE_METRIC,
     RayRuntime,
+    RecordingLoader,
     fit_distributed,
     gather_objects,
     torch_trainer,
@@ -77,25 +79,33 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"tensors differ: {different[:5]}"
 
 
-def assert_disjoint_shards(folder: Path) -> None:
+def assert_disjoint_shards(ranks: list[dict[str, list[int]]], unlabeled_too: bool = True) -> None:
     """Each rank's samples of the first epoch are its own: no id consumed by both ranks, together every id."""
-    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     first_epoch = [set(r["labeled"][: LABELED // 2]) for r in ranks]
     assert all(len(ids) == LABELED // 2 for ids in first_epoch)
     assert not first_epoch[0] & first_epoch[1]
     assert first_epoch[0] | first_epoch[1] == set(range(LABELED))
+    if not unlabeled_too:
+        return
     unlabeled = [set(r["unlabeled"]) for r in ranks]
     assert unlabeled[0] and unlabeled[1] and not unlabeled[0] & unlabeled[1]
 
 
+def recorded_ids(folder: Path) -> list[dict[str, list[int]]]:
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.fixture(scope="module")
 def mt_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
-    """An uninterrupted 2-worker mean-teacher run, shared by the data-parallel and fault-tolerance tests."""
+    """An uninterrupted 2-worker mean-teacher run with MLflow, shared by the data-parallel, MLflow and
+    fault-tolerance tests."""
     root = tmp_path_factory.mktemp("mt")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    cfg = make_config(root / "run", "mt", tracking={"enabled": True, "uri": uri, "experiment": "ray"})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(RECORD_IDS_ENV, str(root / "ids"))
-        summary = fit_distributed(make_config(root / "run", "mt"), progress=False)
-    return {"summary": summary, "ids": root / "ids"}
+        summary = fit_distributed(cfg, progress=False)
+    return {"summary": summary, "ids": root / "ids", "uri": uri, "cfg": cfg}
 
 
 def test_two_worker_mean_teacher(mt_run):
@@ -106,8 +116,11 @@ def test_two_worker_mean_teacher(mt_run):
     digests = summary["eval_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "ranks ended with different teacher weights"
     assert digests[0] == weights_digest(_teacher_from(final_method_state(summary)))
-    assert_disjoint_shards(mt_run["ids"])
+    assert_disjoint_shards(recorded_ids(mt_run["ids"]))
     assert json.loads(Path(summary["out"], "summary.json").read_text())["workers"] == 2
+    # checkpoints are ranked by the slash-named metric: the best one holds the highest val/miou
+    best = load_state(summary["best_checkpoint"])
+    assert best["last_eval"][SCORE_METRIC] == max(summary["val_miou"], best["last_eval"][SCORE_METRIC])
 
 
 def _teacher_from(method_state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -117,26 +130,17 @@ def _teacher_from(method_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     return teacher.eval_model()
 
 
-def test_two_worker_supervised_logs_one_mlflow_run(ray_cluster, tmp_path):
+def test_mlflow_gets_one_run_with_the_scaling_config(mt_run):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = make_config(tmp_path / "run", "supervised", iters=2, tracking={"enabled": True, "uri": uri, "experiment": "ray"})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(RECORD_IDS_ENV, str(tmp_path / "ids"))
-        summary = fit_distributed(cfg, progress=False)
-    assert summary["workers"] == 2 and math.isfinite(summary["val_miou"])
-    assert Path(summary["checkpoint"], "state.pt").is_file()
-    assert_disjoint_shards(tmp_path / "ids")
-    # checkpoints are ranked by the slash-named metric: the best one holds the highest val/miou
-    best = load_state(summary["best_checkpoint"])
-    assert best["last_eval"][SCORE_METRIC] == max(summary["val_miou"], best["last_eval"][SCORE_METRIC])
-    client = MlflowClient(uri)
+    cfg, summary = mt_run["cfg"], mt_run["summary"]
+    client = MlflowClient(mt_run["uri"])
     runs = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
     assert len(runs) == 1
     params = runs[0].data.params
     assert params["workers"] == "2" and params["global_batch"] == "4" and params["cpus_per_worker"] == "1.0"
     assert float(params["lr_scaled"]) == pytest.approx(cfg.optim.lr * 4 / cfg.optim.base_batch)
+    assert params["node_ids"] == ",".join(summary["node_ids"])
     assert runs[0].data.metrics["val/miou"] == pytest.approx(summary["val_miou"])
 
 
@@ -174,12 +178,22 @@ def every_method_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     for name in loop_config["methods"]:
         values = {**loop_config["config"], "method": {"name": name}, "out": f"{loop_config['out']}/{name}"}
         cfg = from_dict(values)
-        runtime = FreshRayRuntime(Path(cfg.out), cfg.distributed.cpus_per_worker)
+        runtime = FreshRayRuntime(Path(cfg.out), cfg.distributed.cpus_per_worker, loop_config["checkpoint_root"])
         trainer = Trainer(cfg, runtime, [])
+        consumed: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
+        trainer.loaders = dataclasses.replace(
+            trainer.loaders,
+            labeled=RecordingLoader(trainer.loaders.labeled, consumed["labeled"]),
+            unlabeled=RecordingLoader(trainer.loaders.unlabeled, consumed["unlabeled"]),
+        )
         summary = trainer.fit()
+        # read now: Ray keeps only the best and the latest checkpoints of the run, later methods replace it
+        state = load_state(summary["checkpoint"]) if runtime.is_main else {}
         results[name] = {
             "losses": summary["losses_last"],
             "val_miou": summary["val_miou"],
+            "checkpoint": (state.get("method_name"), state.get("iteration")),
+            "ids": gather_objects(consumed),
             "digests": gather_objects(weights_digest(trainer.method.eval_model())),
         }
     return results if ray.train.get_context().get_world_rank() == 0 else None
@@ -188,11 +202,18 @@ def every_method_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 def test_every_method_trains_data_parallel(ray_cluster, tmp_path):
     methods = METHODS.names()
     cfg = make_config(tmp_path / "methods", "supervised", iters=2, train={"eval_every": 0, "checkpoint_every": 0})
-    loop_config = {"config": to_dict(cfg), "methods": methods, "out": str(tmp_path / "methods")}
-    result = torch_trainer(cfg, every_method_worker, loop_config, str(tmp_path / "ray"), "methods").fit()
-    results = result.return_value
+    storage = str(tmp_path / "ray")
+    loop_config = {
+        "config": to_dict(cfg),
+        "methods": methods,
+        "out": str(tmp_path / "methods"),
+        "checkpoint_root": f"{storage}/methods",
+    }
+    results = torch_trainer(cfg, every_method_worker, loop_config, storage, "methods").fit().return_value
     assert sorted(results) == sorted(methods)
     for name, entry in results.items():
         assert entry["losses"] and all(math.isfinite(v) for v in entry["losses"].values()), (name, entry["losses"])
         assert math.isfinite(entry["val_miou"]), name
         assert entry["digests"][0] == entry["digests"][1], f"{name}: ranks hold different evaluation weights"
+        assert entry["checkpoint"] == (name, 2)
+        assert_disjoint_shards(entry["ids"], unlabeled_too=METHODS.get(name).has_unsupervised_loss)

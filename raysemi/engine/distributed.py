@@ -180,7 +180,7 @@ class _KillOnce(Callback):
             os._exit(1)
 
 
-class _RecordingLoader:
+class RecordingLoader:
     """Test hook: passes a loader's batches through and remembers their sample ids."""
 
     def __init__(self, loader: Any, ids: list[int]) -> None:
@@ -216,8 +216,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if loop_config.get("record_ids"):
         trainer.loaders = dataclasses.replace(
             trainer.loaders,
-            labeled=_RecordingLoader(trainer.loaders.labeled, consumed["labeled"]),
-            unlabeled=_RecordingLoader(trainer.loaders.unlabeled, consumed["unlabeled"]),
+            labeled=RecordingLoader(trainer.loaders.labeled, consumed["labeled"]),
+            unlabeled=RecordingLoader(trainer.loaders.unlabeled, consumed["unlabeled"]),
         )
     summary = trainer.fit()
     digests = gather_objects(weights_digest(trainer.method.eval_model()))
