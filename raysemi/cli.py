@@ -183,7 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         callbacks.append(ProgressCallback(cfg.train.iters))
         summary = fit(cfg, resume=args.resume, callbacks=callbacks)
-    _print_summary(summary, args.json, f"val mIoU {summary.get('val_miou')} ({cfg.data.eval_mode}) -> {cfg.out}")
+    nodes = len(set(summary.get("node_ids") or [None]))
+    line = f"val mIoU {summary.get('val_miou')} ({cfg.data.eval_mode}) on {summary['workers']} worker(s), {nodes} node(s) -> {cfg.out}"
+    _print_summary(summary, args.json, line)
     return 0
 
 

@@ -54,7 +54,7 @@ from raysemi.config import Config, from_dict, to_dict
 from raysemi.engine.checkpoint import STATE_FILE, load_state
 from raysemi.engine.loop import Callback, Runtime, Trainer, scaled_lr
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
-from raysemi.methods import Method, Progress
+from raysemi.methods import Method
 
 SCORE_METRIC = "val/miou"
 KEEP_CHECKPOINTS = 2
@@ -118,23 +118,18 @@ class RayRuntime(Runtime):
         return self._device
 
     def wrap(self, method: Method) -> nn.Module:
-        # DDP broadcasts rank 0's buffers before each forward, so the buffers a forward changes (BatchNorm
-        # statistics of students, and of teachers run in train mode) stay rank-specific until the next step and
-        # leak into EMA teachers (after_step), evaluation and the final weights of ranks > 0. Broadcasting them
-        # once the backward is done, right before after_step, keeps every rank's method bit-identical at the
-        # same communication cost; during the forward or backward they may still be needed by autograd.
-        model = ray.train.torch.prepare_model(
+        # DDP's per-forward buffer sync is off: see sync_state for where buffers are made identical instead.
+        return ray.train.torch.prepare_model(
             method, parallel_strategy_kwargs={"find_unused_parameters": True, "forward_sync_buffers": False}
         )
+
+    def sync_state(self, method: Method) -> None:
+        # The buffers a forward changes (BatchNorm statistics of students, and of teachers run in train mode) are
+        # rank-specific after it and would leak into EMA teachers, evaluation and the final weights of ranks > 0.
+        # Broadcasting rank 0's once the backward is done (autograd may still need them before) keeps every rank
+        # bit-identical at the cost of DDP's own per-forward broadcast.
         if self.world_size > 1:
-            method_after_step = method.after_step
-
-            def after_step(progress: Progress) -> None:
-                broadcast_buffers(method)
-                method_after_step(progress)
-
-            method.after_step = after_step  # type: ignore[method-assign]
-        return model
+            broadcast_buffers(method)
 
     def restore(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()

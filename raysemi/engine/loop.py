@@ -51,6 +51,9 @@ class Runtime:
     def wrap(self, method: Method) -> nn.Module:
         return method
 
+    def sync_state(self, method: Method) -> None:
+        """Make method state identical on every worker after a step (nothing to do in one process)."""
+
     def restore(self) -> dict[str, Any] | None:
         last = self.out_dir / "checkpoints" / "last.pt"
         if not self.resume:
@@ -278,6 +281,7 @@ class Trainer:
                 if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
                     self.scaler.step(opt)
             self.scaler.update()
+        self.runtime.sync_state(self.method)
         self.method.after_step(progress)
         logs = {f"loss/{k}": float(v.detach()) for k, v in out.terms.items()}
         logs.update({f"loss/total_{k}": float(v.detach()) for k, v in out.losses.items()})
