@@ -468,9 +468,9 @@ def build_report(tracking_uri: str, out: str | Path, experiments: list[str] | No
                  recipes_dir: Path | None = DEFAULT_RECIPES) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``out``; returns their paths and the
     sections (for callers and tests). No experiment or run named: every experiment in the store."""
-    from mlflow.tracking import MlflowClient
+    from raysemi.engine.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment_ids = []
     for name in experiments or []:
         found = client.get_experiment_by_name(name)

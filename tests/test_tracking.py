@@ -27,3 +27,17 @@ def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
     assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "per_class_iou.csv", "confusion_matrix.png", "predictions.png", "summary.json", "split"} <= artifacts
+
+
+def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path: Path) -> None:
+    """MLflow creates a new sqlite store's tables on first open; concurrent first opens used to fail with
+    "table ... already exists"."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    code = "import sys; from raysemi.engine.tracking import ensure_experiment; ensure_experiment(sys.argv[1], 'race')"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert MlflowClient(uri).get_experiment_by_name("race") is not None

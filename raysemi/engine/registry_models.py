@@ -44,13 +44,14 @@ def register_checkpoint(checkpoint: str | Path, tracking_uri: str, run_id: str, 
     """Log the checkpoint into run ``run_id`` as a registered model version of ``model_name`` and move the
     ``champion`` alias if it wins. Returns version, whether the alias moved and the previous champion."""
     import mlflow
-    from mlflow.tracking import MlflowClient
+
+    from raysemi.engine.tracking import mlflow_client
 
     state_file = resolve_state_file(checkpoint)
     state = load_state(state_file)
     network = eval_network(state)
     split = str(state.get("split_digest", ""))
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     client.log_artifact(run_id, str(state_file), "champion")
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -85,13 +86,14 @@ def download_checkpoint(uri: str, tracking_uri: str | None) -> str:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> path of a local ``state.pt``."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from raysemi.engine.tracking import mlflow_client
 
     match = _MODEL_URI.match(uri)
     if match is None:
         raise CheckpointError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     store = tracking_uri or default_registry_uri()
-    client = MlflowClient(store)
+    client = mlflow_client(store)
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)

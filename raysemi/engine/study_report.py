@@ -19,10 +19,10 @@ MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "error": 
 
 def finish(cfg: Config, space: SearchSpace, rows: list[TrialRow], study_dir: Path, study: dict[str, Any],
            model_name: str) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
+    from raysemi.engine.tracking import mlflow_client
 
     uri, parent = study["tracking_uri"], study["parent_run_id"]
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     if cfg.tracking.enabled:
         _close_child_runs(client, study["experiment_id"], parent, rows, space.metric)
     board = write_leaderboard(rows, space.metric, study_dir)

@@ -3,6 +3,7 @@ per-eval metrics, artifacts (config, split, per-class IoU, confusion matrix, ove
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -33,9 +34,22 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
 
 
+def mlflow_client(uri: str) -> MlflowClient:
+    """An MlflowClient whose store is open. MLflow creates a new sqlite store's tables on first open, and two
+    processes opening a fresh store at once race on that ("table ... already exists"), so sqlite opens are
+    serialised with a lock file beside the database."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(uri)
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
     """Experiment id for ``name``, creating it with a local artifact folder next to a sqlite store."""
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -76,7 +90,7 @@ class MlflowCallback(Callback):
         self.run_name = run_name or Path(cfg.out).name
         self.extra_params = extra_params or {}
         self.run_id: str | None = None
-        self.client = MlflowClient(self.uri)
+        self.client = mlflow_client(self.uri)
 
     def on_start(self, trainer: Trainer) -> None:
         try:

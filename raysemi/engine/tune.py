@@ -36,7 +36,7 @@ from raysemi.config import Config, from_dict, merge, to_dict
 from raysemi.engine.checkpoint import STATE_FILE, load_state, save_atomic
 from raysemi.engine.loop import Runtime, Trainer
 from raysemi.engine.search_space import SearchSpace, default_space_path, load_space, warmup_fraction
-from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, ensure_experiment
+from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, ensure_experiment, mlflow_client
 from raysemi.errors import ConfigError
 
 DEFAULT_ITERS = 180
@@ -314,14 +314,13 @@ def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, space: S
     if opts.resume:
         return json.loads(record_path.read_text())
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
     uri = str(cfg.tracking.uri)
     try:
         experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     except Exception as exc:  # MLflow raises many types for an unreachable or bad store
         raise ConfigError(f"tracking.uri {uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     tags = {"raysemi.study": name, "raysemi.method": cfg.method_name, "raysemi.dataset": cfg.data.dataset,
             "raysemi.kind": "study"}
     run = client.create_run(experiment_id, run_name=f"study-{name}", tags=tags)
