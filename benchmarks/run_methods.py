@@ -126,7 +126,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.jsonl"
     done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else set()
-    pending = [(method, seed) for seed in args.seeds for method in methods if (method, seed) not in done]
+    # method-major, so that a benchmark cut short still has every seed of the methods it finished
+    pending = [(method, seed) for method in methods for seed in args.seeds if (method, seed) not in done]
     lock = threading.Lock()
 
     def run_and_record(job: tuple[str, int]) -> None:
