@@ -266,14 +266,14 @@ def storage_path(cfg: Config, nodes: int) -> str:
     return explicit if is_uri(explicit) else str(Path(explicit).expanduser().resolve())
 
 
-def _run_exists(storage: str, name: str) -> bool:
+def run_exists(storage: str, name: str) -> bool:
     filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
     return filesystem.get_file_info(f"{base.rstrip('/')}/{name}/{SNAPSHOT_FILE}").type != pyarrow.fs.FileType.NotFound
 
 
 def _check_resume(storage: str, name: str, resume: bool) -> None:
     where = f"{storage.rstrip('/')}/{name}"
-    exists = _run_exists(storage, name)
+    exists = run_exists(storage, name)
     if resume and not exists:
         raise CheckpointError(f"{where}: --resume given but no checkpoint to resume from")
     if exists and not resume:

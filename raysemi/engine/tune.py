@@ -212,12 +212,12 @@ def _run_distributed_trial(cfg: Config, context: dict[str, Any]) -> None:
 
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysemi.engine.distributed import _run_exists, fit_distributed
+    from raysemi.engine.distributed import fit_distributed, run_exists
 
     storage = cfg.distributed.storage or str(Path(context["study_dir"]) / "ray")
     cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, storage=storage))
     name = Path(cfg.out).name
-    fit_distributed(cfg, resume=_run_exists(storage, name), run_name=name, ray_callbacks=[TuneReportCallback()],
+    fit_distributed(cfg, resume=run_exists(storage, name), run_name=name, ray_callbacks=[TuneReportCallback()],
                     mlflow_parent_run_id=context["parent_run_id"], progress=False)
 
 
