@@ -266,3 +266,20 @@ def _complete_optuna_trials(db: Path) -> int:
             return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+
+
+@pytest.mark.ray
+def test_a_trial_with_two_workers_trains_in_a_torch_trainer_inside_tune(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    args = ["tune", "--method", "supervised", "--trials", "1", "--iters", "6", "--set", "train.eval_every=3",
+            "--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--searcher", "random",
+            "--scheduler", "none", "--workers-per-trial", "2", "--set", "distributed.cpus_per_worker=0.5",
+            "--space", str(_space_file(tmp_path)), "--out", str(tmp_path), "--tracking-uri", uri, "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["best_metric"] is not None and summary["model_version"] == "1"
+    header, row = (Path(summary["study_dir"]) / "leaderboard.csv").read_text().splitlines()
+    assert row.split(",")[3:5] == ["6", "completed"], header
+    [child] = _children(uri, summary["parent_run_id"])
+    assert child.data.params["distributed.workers"] == "2" and "val/miou" in child.data.metrics
+    assert child.data.tags["raysemi.trial_status"] == "completed"

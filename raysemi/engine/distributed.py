@@ -232,15 +232,15 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, log_to_driver: bool = True) -> bool:
     """Join the Ray cluster at ``address`` (``auto`` or HOST:PORT) or start a local one on 127.0.0.1; reuses an
     already initialised Ray. Returns whether this call started Ray (and so should shut it down)."""
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(_node_ip_address="127.0.0.1")
+        ray.init(_node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
     return True
 
 

@@ -255,10 +255,10 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
 
     import ray
 
+    from raysemi.engine.distributed import connect
+
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # finished trials reach the saved state promptly
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=opts.address, log_to_driver=False)
+    started = connect(opts.address, log_to_driver=False)
     try:
         return _run(cfg, opts, base, space, budget, study, study_dir, out, name)
     finally:
