@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment name(s) (default: every experiment)")
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="these runs only (a study's parent run adds its optimisation history)")
     p.add_argument("--include-trials", action="store_true", help="also tabulate tune trial runs (skipped by default)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///runs/mlruns.db)")
+    p.add_argument("--tracking-uri", nargs="+", default=[None], help="MLflow tracking URI(s), read as one (default $MLFLOW_TRACKING_URI or sqlite:///runs/mlruns.db)")
     p.add_argument("--recipes", help="recipe folder giving paper numbers to runs that do not log them (default: recipes/)")
     p.add_argument("--out", default="report", help="output folder (default report)")
 
@@ -244,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from raysemi.report import DEFAULT_RECIPES, build_report, resolve_tracking_uri
 
-    result = build_report(resolve_tracking_uri(args.tracking_uri), args.out, args.experiment, args.runs,
+    result = build_report([resolve_tracking_uri(uri) for uri in args.tracking_uri], args.out, args.experiment, args.runs,
                           args.include_trials, Path(args.recipes) if args.recipes else DEFAULT_RECIPES)
     print(f"{result['runs']} runs in {len(result['sections'])} tables, {result['studies']} studies, "
           f"{len(result['plots'])} plots -> {result['markdown']}, {result['html']}")

@@ -6,7 +6,8 @@ hyperparameter gets one row per value, e.g. ``cps (use_cutmix=True)``) and colum
 protocol label, else ``data.labeled``: ``1/8``, ``92``, a split folder's name). A cell is the mean over its runs
 (seeds) with the sample standard deviation and the run count. Gaps: to ``supervised`` of the same section and
 protocol (marked ``≠split`` when the two cells were trained on different split files), and to the paper's number
-where a recipe states one (``†``: the spec marks it unverified). mIoU is shown in percent.
+where a recipe states one (``†``: the spec marks it unverified). mIoU is shown in percent. Several MLflow stores
+are read as one, so runs kept in separate folders (one per label fraction) share a table.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RunRecord:
     protocol: str = ""
     expected: float | None = None
     expected_verified: bool = True
+    store: str = ""
 
     @property
     def section(self) -> tuple[str, ...]:
@@ -354,14 +356,14 @@ def _nanmean(values: list[float]) -> float:
     return statistics.fmean(kept) if kept else math.nan
 
 
-def plot_curves(client: Any, section: Section, path: Path) -> Path:
+def plot_curves(clients: dict[str, Any], section: Section, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5.0 * len(CURVES), 3.4))
     colours = {m: f"C{i % 10}" for i, m in enumerate(section.methods)}
     styles = {p: s for p, s in zip(section.protocols, ["-", "--", ":", "-."] * 8, strict=False)}
     for ax, metric in zip(axes, CURVES, strict=True):
         for r in section.runs:
-            history = sorted((m.step, m.value) for m in client.get_metric_history(r.run_id, metric))
+            history = sorted((m.step, m.value) for m in clients[r.store].get_metric_history(r.run_id, metric))
             if history:
                 steps, values = zip(*history, strict=True)
                 scale = 100 if metric == METRIC else 1
@@ -452,6 +454,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:80]
 
 
+def _has_run(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlruns.db`` (where ``raysemi train`` writes by
     default); a sqlite store must exist (MLflow would silently create an empty one)."""
@@ -463,25 +475,42 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
-def build_report(tracking_uri: str, out: str | Path, experiments: list[str] | None = None,
+def build_report(tracking_uris: str | list[str], out: str | Path, experiments: list[str] | None = None,
                  run_ids: list[str] | None = None, include_trials: bool = False,
                  recipes_dir: Path | None = DEFAULT_RECIPES) -> dict[str, Any]:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``out``; returns their paths and the
-    sections (for callers and tests). No experiment or run named: every experiment in the store."""
+    sections (for callers and tests). Several stores (e.g. one benchmark folder per label fraction) are read as
+    one. No experiment or run named: every experiment in every store."""
     from raysemi.engine.tracking import mlflow_client
 
-    client = mlflow_client(tracking_uri)
-    experiment_ids = []
-    for name in experiments or []:
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise ConfigError(f"--experiment {name!r}: no such experiment in {tracking_uri}")
-        experiment_ids.append(found.experiment_id)
-    if not experiments and not run_ids:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    records, studies = collect(client, experiment_ids, list(run_ids or []), include_trials)
+    uris = [tracking_uris] if isinstance(tracking_uris, str) else list(tracking_uris)
+    clients = {uri: mlflow_client(uri) for uri in uris}
+    records: list[RunRecord] = []
+    studies: list[tuple[Any, Any]] = []
+    missing_experiments, missing_runs = set(experiments or []), set(run_ids or [])
+    for uri, client in clients.items():
+        experiment_ids = []
+        for name in experiments or []:
+            found = client.get_experiment_by_name(name)
+            if found is not None:
+                experiment_ids.append(found.experiment_id)
+                missing_experiments.discard(name)
+        if not experiments and not run_ids:
+            experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        here = [r for r in run_ids or [] if _has_run(client, r)]
+        missing_runs -= set(here)
+        found_records, found_studies = collect(client, experiment_ids, here, include_trials)
+        for record in found_records:
+            record.store = uri
+        records += found_records
+        studies += [(client, study) for study in found_studies]
+    where = ", ".join(uris)
+    if missing_experiments:
+        raise ConfigError(f"--experiment {sorted(missing_experiments)[0]!r}: no such experiment in {where}")
+    if missing_runs:
+        raise ConfigError(f"--runs {sorted(missing_runs)[0]}: no such run in {where}")
     if not records and not studies:
-        raise ConfigError(f"no finished training runs found in {tracking_uri}")
+        raise ConfigError(f"no finished training runs found in {where}")
     assign_labels(records)
     attach_expected(records, recipes_dir)
     sections = summarise(records)
@@ -489,7 +518,7 @@ def build_report(tracking_uri: str, out: str | Path, experiments: list[str] | No
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     blocks: list[tuple[Any, ...]] = [("h1", "raysemi report"),
-                                     ("p", f"{len(records)} training runs from {tracking_uri}. Cells: mean ± sample "
+                                     ("p", f"{len(records)} training runs from {where}. Cells: mean ± sample "
                                            "standard deviation over runs (n). ≠split: method and supervised cells "
                                            "used different split files. Paper gaps assume the recipe ran as written.")]
     blocks += [("p", "Warning: " + w) for w in eval_mode_warnings(sections)]
@@ -499,11 +528,11 @@ def build_report(tracking_uri: str, out: str | Path, experiments: list[str] | No
         blocks.append(("h2", section.title))
         blocks += [("table", *t) for t in section_tables(section)]
         made = [plot_bars(section, plots / f"{stem}_bars.png"), plot_fraction_lines(section, plots / f"{stem}_fractions.png"),
-                plot_class_heatmap(section, plots / f"{stem}_classes.png"), plot_curves(client, section, plots / f"{stem}_curves.png")]
+                plot_class_heatmap(section, plots / f"{stem}_classes.png"), plot_curves(clients, section, plots / f"{stem}_curves.png")]
         for path in (p for p in made if p is not None):
             files.append(path)
             blocks.append(("img", f"plots/{path.name}", path.stem))
-    for study in studies:
+    for client, study in studies:
         points = study_history(client, study)
         if not points:
             continue

@@ -129,3 +129,21 @@ def test_variants_get_their_own_rows_and_protocols_their_labels() -> None:
     assert protocol_label({"data.labeled": "/d/ImageSets/Segmentation/train.txt"}) == "train"
     assert protocol_label({"data.labeled": "92", "recipe.protocol": "None"}) == "92"
     assert protocol_label({"data.labeled": "/d/x", "recipe.protocol": "1/8"}) == "1/8"
+
+
+def test_several_stores_read_as_one(store: tuple[str, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = store
+    other = f"sqlite:///{tmp_path / 'half.db'}"
+    client = MlflowClient(other)
+    exp = client.create_experiment("half", artifact_location=(tmp_path / "artifacts").as_uri())
+    _log(client, exp, "sup-h", {"method.name": "supervised", "data.labeled": "1/2", "split_digest": "h"}, 0.70, curve=True)
+    _log(client, exp, "mt-h", {"method.name": "mt", "method.ema_decay": 0.99, "data.labeled": "1/2", "split_digest": "h"}, 0.74)
+    result = build_report([uri, other], tmp_path / "r", experiments=[EXPERIMENT, "half"], recipes_dir=None)
+    whole = {s.key: s for s in result["sections"]}[("synthetic", "tiny", "whole", "4")]
+    assert whole.protocols == ["1/8", "1/4", "1/2"]
+    assert whole.cells[("mt", "1/2")].mean == pytest.approx(0.74) and whole.cells[("mt", "1/8")].mean == pytest.approx(0.53)
+    assert "| mt | +11.00 | +3.00 | +4.00 |" in result["markdown"].read_text()
+    assert main(["report", "--tracking-uri", uri, other, "--runs", "0" * 32, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no such run in {uri}, {other}")
