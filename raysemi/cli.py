@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searcher", choices=["optuna", "random", "grid"], default="optuna", help="Optuna TPE, random sampling, or a grid over choice-only spaces")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="ASHA early stopping or none")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    p.add_argument("--startup-trials", type=int, help="random trials before TPE takes over (default: a quarter of --trials, 2 to 10)")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
     p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
     p.add_argument("--name", help="study name (default <dataset>-<method>); the study folder is <out>/<name>")
@@ -218,6 +219,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         space=args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
         gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency,
         searcher=args.searcher, scheduler=args.scheduler, reduction_factor=args.reduction_factor,
+        startup_trials=args.startup_trials,
         address=args.address, storage=args.storage, name=args.name, resume=args.resume, out=args.study_out,
         model_name=args.model_name, seed=cfg.train.seed,
     )

@@ -21,7 +21,7 @@ import yaml
 from raysemi.cli import main
 from raysemi.config import from_dict
 from raysemi.engine.search_space import default_space_path, load_space
-from raysemi.engine.tune import plan_budget, quick_settings
+from raysemi.engine.tune import TuneOptions, plan_budget, quick_settings, startup_trials
 from raysemi.errors import ConfigError
 from raysemi.methods import METHODS
 
@@ -105,6 +105,13 @@ def test_quick_cpu_settings_yield_to_the_user() -> None:
     assert quick_settings("gcl", "synthetic", "tiny", []) == ["method.detector_width=0.25", "method.detector_min_input=64"]
     assert quick_settings("gcl", "synthetic", "tiny", ["method.detector_width=1.0"]) == ["method.detector_min_input=64"]
     assert quick_settings("gcl", "camvid", "tiny", []) == []
+
+
+def test_tpe_models_the_space_after_a_quarter_of_a_small_study() -> None:
+    assert [startup_trials(TuneOptions(trials=n)) for n in (3, 8, 18, 100)] == [2, 2, 4, 10]
+    assert startup_trials(TuneOptions(trials=8, startup_trials=5)) == 5
+    with pytest.raises(ConfigError, match="--startup-trials"):
+        TuneOptions(startup_trials=0).validate()
 
 
 # ----------------------------------------------------------------------------------------------- studies
