@@ -155,6 +155,15 @@ def collect(client: Any, experiment_ids: list[str], run_ids: list[str], include_
     return records, studies
 
 
+def _declared_defaults(method: str) -> dict[str, str]:
+    from raysemi.methods import METHODS
+    from raysemi.methods.base import hyperparameter_table
+
+    if method not in METHODS.names():
+        return {}
+    return {k: str(v) for k, v in hyperparameter_table(METHODS.get(method)).items()}
+
+
 def assign_labels(records: list[RunRecord]) -> None:
     """Row label: the method name plus the method hyperparameters that differ between its (non-trial) runs."""
     by_method: dict[str, list[RunRecord]] = defaultdict(list)
@@ -163,12 +172,15 @@ def assign_labels(records: list[RunRecord]) -> None:
     for method, runs in by_method.items():
         plain = [r for r in runs if not r.is_trial]
         keys = sorted({k for r in plain for k in r.params if k.startswith("method.") and k != "method.name"})
-        varying = [k for k in keys if len({r.params.get(k) for r in plain}) > 1]
+        # a run logs only the hyperparameters its config set; the others are the method's declared defaults
+        defaults = {f"method.{k}": v for k, v in _declared_defaults(method).items()}
+        resolved = {r.run_id: {**defaults, **r.params} for r in plain}
+        varying = [k for k in keys if len({resolved[r.run_id].get(k) for r in plain}) > 1]
         for r in runs:
             if r.is_trial:
                 r.label = f"{method} (trial {r.name})"
             elif varying:
-                r.label = f"{method} (" + ", ".join(f"{k.removeprefix('method.')}={r.params.get(k)}" for k in varying) + ")"
+                r.label = f"{method} (" + ", ".join(f"{k.removeprefix('method.')}={resolved[r.run_id].get(k)}" for k in varying) + ")"
             else:
                 r.label = method
             r.protocol = protocol_label(r.params)

@@ -125,6 +125,11 @@ def test_variants_get_their_own_rows_and_protocols_their_labels() -> None:
             for i, flag in enumerate(["False", "True"])]
     assign_labels(runs)
     assert [r.label for r in runs] == ["cps (use_cutmix=False)", "cps (use_cutmix=True)"]
+    variants = [RunRecord("c", "c", {"method.name": "selfcorr"}, 0.5, {}, False),
+                RunRecord("l", "l", {"method.name": "selfcorr", "method.correction": "linear"}, 0.5, {}, False),
+                RunRecord("e", "e", {"method.name": "selfcorr", "method.correction": "conv"}, 0.5, {}, False)]
+    assign_labels(variants)
+    assert [r.label for r in variants] == ["selfcorr (correction=conv)", "selfcorr (correction=linear)", "selfcorr (correction=conv)"]
     assert protocol_label({"data.labeled": "/d/splits/cityscapes/1_16"}) == "1/16"
     assert protocol_label({"data.labeled": "/d/ImageSets/Segmentation/train.txt"}) == "train"
     assert protocol_label({"data.labeled": "92", "recipe.protocol": "None"}) == "92"
