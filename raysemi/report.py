@@ -121,11 +121,12 @@ def protocol_order(label: str) -> tuple[int, float, str]:
     return (0, value, label) if value < 1 else (1, value, label)
 
 
-def collect(client: Any, experiment_ids: list[str], run_ids: list[str], include_trials: bool) -> tuple[list[RunRecord], list[Any]]:
-    """Finished training runs (params ``method.name`` and metric ``val/miou``) and study parent runs."""
+def collect(client: Any, experiment_ids: list[str], named_runs: list[Any], include_trials: bool) -> tuple[list[RunRecord], list[Any]]:
+    """Finished training runs (params ``method.name`` and metric ``val/miou``) and study parent runs, from
+    ``named_runs`` (MLflow runs already fetched) and every run of ``experiment_ids``."""
     from mlflow.entities import ViewType
 
-    runs = [client.get_run(r) for r in run_ids]
+    runs = list(named_runs)
     if experiment_ids:
         token = None
         while True:
@@ -466,14 +467,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:80]
 
 
-def _has_run(client: Any, run_id: str) -> bool:
+def _find_run(client: Any, run_id: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
+        return client.get_run(run_id)
     except MlflowException:
-        return False
-    return True
+        return None
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -509,8 +509,8 @@ def build_report(tracking_uris: str | list[str], out: str | Path, experiments: l
                 missing_experiments.discard(name)
         if not experiments and not run_ids:
             experiment_ids = [e.experiment_id for e in client.search_experiments()]
-        here = [r for r in run_ids or [] if _has_run(client, r)]
-        missing_runs -= set(here)
+        here = [run for run in (_find_run(client, r) for r in run_ids or []) if run is not None]
+        missing_runs -= {run.info.run_id for run in here}
         found_records, found_studies = collect(client, experiment_ids, here, include_trials)
         for record in found_records:
             record.store = uri
