@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         values["data"] = {"synthetic_train": 48, "synthetic_val": 16}
     cfg = from_dict(values)
     files = {}
-    for kind, space in spaces(args.method, args.smoke).items():
+    space_defs = spaces(args.method, args.smoke)
+    for kind, space in space_defs.items():
         files[kind] = work / f"{kind}.yaml"
         files[kind].write_text(yaml.safe_dump(space))
-    grid_trials = math.prod(len(p["values"]) for p in spaces(args.method, args.smoke)["grid"]["params"].values())
+    grid_trials = math.prod(len(p["values"]) for p in space_defs["grid"]["params"].values())
     budget = grid_trials * args.iters
     common = {"concurrency": 1, "out": str(work), "seed": args.seed}
     runs = {
