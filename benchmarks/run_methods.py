@@ -1,8 +1,15 @@
 """Benchmark: every method (or a chosen few) under one protocol, several seeds, one subprocess per run.
 
-Each run is `raysemi train ... --json`; the table reports val mIoU (mean ± half-range over seeds), train step cost
-relative to `supervised`, and peak resident memory of the run's process (from wait4's rusage). Results append to a
-JSON-lines file as they arrive, so a long benchmark can be read (and resumed) while it runs.
+Each run is `raysemi train ... --json`. With `--test-split test` every run is also scored once on the test split
+after its last iteration (nothing is chosen on it); the table then reports test mIoU (mean ± sample std over seeds),
+its delta to `supervised`, the reported net and the other net's score, the final val mIoU, train step cost relative
+to `supervised`, and peak resident memory of the run's process (from wait4's rusage). Every row records the code's
+commit, the split hash, the iteration budget and the eval mode. Results append to a JSON-lines file as they
+arrive; rerunning the same command skips the (method, seed) rows already there, so a table can span sessions.
+Run it from a `git worktree` of a fixed commit so that edits never change the code under a running benchmark.
+
+Variants: `supervised_all` (all labels), `selfcorr_linear`, and any `--variant NAME=METHOD:KEY=VALUE,KEY=VALUE`
+(e.g. a control with the unsupervised weight at 0: `--variant mt_ctrl=mt:method.cons_weight=0`).
 
 Example (CamVid 1/8, reduced resolution, trained from scratch):
     python benchmarks/run_methods.py --dataset camvid --data-root ../shared/data/camvid --labeled 1/8 \
@@ -25,13 +32,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(args: argparse.Namespace, method: str, seed: int, out: Path) -> dict:
+BUILTIN_VARIANTS = {"supervised_all": "supervised:data.labeled=all", "selfcorr_linear": "selfcorr:method.correction=linear"}
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def resolve_variant(method: str, variants: dict[str, str]) -> tuple[str, list[str]]:
+    """(registered method name, config overrides) of a row name."""
+    spec = variants.get(method) or BUILTIN_VARIANTS.get(method)
+    if spec is None:
+        return method, []
+    name, _, sets = spec.partition(":")
+    return name, [item for item in sets.split(",") if item]
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int, out: Path, variants: dict[str, str]) -> dict:
     run_dir = out / "runs" / f"{method}-s{seed}"
-    name, overrides = method, []
-    if method == "supervised_all":
-        name, overrides = "supervised", ["data.labeled=all"]
-    if method == "selfcorr_linear":
-        name, overrides = "selfcorr", ["method.correction=linear"]
+    name, overrides = resolve_variant(method, variants)
     cmd = [
         sys.executable, "-m", "raysemi.cli", "train", "--method", name, "--dataset", args.dataset,
         "--model", args.model, "--labeled", args.labeled, "--iters", str(args.iters), "--seed", str(seed),
@@ -42,6 +63,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out: Path) -> dict
     ]
     if args.data_root:
         cmd += ["--data-root", args.data_root]
+    if args.test_split:
+        cmd += ["--set", f"data.test_split={args.test_split}"]
     method_sets = [item.split(":", 1)[1] for item in args.method_set if item.split(":", 1)[0] == name]
     for item in [*args.set, *method_sets, *overrides]:
         cmd += ["--set", item]
@@ -56,41 +79,69 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out: Path) -> dict
     return {
         "method": method,
         "seed": seed,
+        "commit": args.commit,
+        "split_digest": summary["split_digest"],
+        "iters": summary["iterations"],
+        "labeled": summary["labeled"],
+        "eval_mode": summary["eval_mode"],
+        "test_split": summary.get("test_split"),
+        "reported_net": summary.get("reported_net"),
         "val_miou": summary["val_miou"],
+        "test_miou": summary.get("test_miou"),
         "step_seconds": summary["train_seconds"] / summary["iterations"],
         "images_per_s": summary["images_per_s"],
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "wall_seconds": time.perf_counter() - started,
-        "extra": {k: v for k, v in summary.items() if k.startswith("val_miou_")},
+        "extra": {k: v for k, v in summary.items() if k.startswith(("val_miou_", "test_miou_"))},
+        "eval_history": summary.get("eval_history", []),
     }
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown table over the successful rows: the score is test mIoU where the rows have one, else val."""
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         if "error" not in row:
             by_method.setdefault(row["method"], []).append(row)
+    score_key = "test_miou" if all(r.get("test_miou") is not None for runs in by_method.values() for r in runs) else "val_miou"
+    split = "test" if score_key == "test_miou" else "val"
+
+    def mean_of(runs: list[dict], key: str) -> float:
+        return statistics.mean(r[key] for r in runs)
+
     base = by_method.get("supervised")
-    base_step = statistics.mean(r["step_seconds"] for r in base) if base else None
-    base_miou = statistics.mean(r["val_miou"] for r in base) if base else None
+    base_step = mean_of(base, "step_seconds") if base else None
+    base_miou = mean_of(base, score_key) if base else None
     lines = [
-        "| method | val mIoU (mean ± half-range) | seeds | Δ vs supervised | step cost vs supervised | s/iter | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | {split} mIoU (mean ± sd) | seeds | Δ vs supervised | reported net | other net ({split}) | "
+        "val mIoU | step cost vs supervised | s/iter | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, runs in by_method.items():
-        mious = [r["val_miou"] for r in runs]
+        mious = [r[score_key] for r in runs]
         mean = statistics.mean(mious)
-        spread = (max(mious) - min(mious)) / 2
-        step = statistics.mean(r["step_seconds"] for r in runs)
+        spread = statistics.stdev(mious) if len(mious) > 1 else float("nan")
+        step = mean_of(runs, "step_seconds")
         delta = f"{100 * (mean - base_miou):+.2f}" if base_miou is not None else "n/a"
         cost = f"{step / base_step:.2f}x" if base_step else "n/a"
+        others = sorted({k for r in runs for k in r.get("extra", {}) if k.startswith(f"{split}_miou_")})
+        other = ", ".join(
+            f"{k.removeprefix(f'{split}_miou_')} {100 * statistics.mean(r['extra'][k] for r in runs if k in r['extra']):.2f}"
+            for k in others
+        ) or "–"
         lines.append(
-            f"| {method} | {100 * mean:.2f} ± {100 * spread:.2f} | {len(runs)} | {delta} | {cost} | {step:.3f} | "
-            f"{max(r['peak_rss_mib'] for r in runs):.0f} |"
+            f"| {method} | {100 * mean:.2f} ± {100 * spread:.2f} | {len(runs)} | {delta} | "
+            f"{runs[0].get('reported_net') or '–'} | {other} | {100 * mean_of(runs, 'val_miou'):.2f} | {cost} | "
+            f"{step:.3f} | {max(r['peak_rss_mib'] for r in runs):.0f} |"
         )
     errors = [r for r in rows if "error" in r]
     for r in errors:
-        lines.append(f"| {r['method']} (seed {r['seed']}) | failed: {r['error']} | | | | | |")
+        lines.append(f"| {r['method']} (seed {r['seed']}) | failed: {r['error']} | | | | | | | | |")
+    commits = sorted({r.get("commit", "?") for r in rows if "error" not in r})
+    digests = sorted({r.get("split_digest", "?")[:12] for r in rows if "error" not in r and r["method"] != "supervised_all"})
+    budgets = sorted({str(r.get("iters", "?")) for r in rows if "error" not in r})
+    lines.append("")
+    lines.append(f"Commit(s): {', '.join(commits)}; split hash(es): {', '.join(digests)}; iterations: {', '.join(budgets)}.")
     return "\n".join(lines)
 
 
@@ -108,6 +159,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (step costs are then measured under shared CPUs)")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE", help="override for one method only, e.g. gcl:method.detector_width=0.25")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE,...", help="a named row: a method with extra overrides (controls, variants)")
+    parser.add_argument("--test-split", help="score every run once on this split after training (e.g. test)")
     parser.add_argument("--experiment", help="MLflow experiment (default: the out folder's name)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -124,14 +177,17 @@ def main() -> int:
             methods.append("selfcorr_linear")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    variants = dict(item.split("=", 1) for item in args.variant)
+    args.commit = git_commit()
     results_file = out / "results.jsonl"
-    done = {(r["method"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else set()
+    previous = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    done = {(r["method"], r["seed"]) for r in previous if "error" not in r}
     # method-major, so that a benchmark cut short still has every seed of the methods it finished
     pending = [(method, seed) for method in methods for seed in args.seeds if (method, seed) not in done]
     lock = threading.Lock()
 
     def run_and_record(job: tuple[str, int]) -> None:
-        row = run_one(args, job[0], job[1], out)
+        row = run_one(args, job[0], job[1], out, variants)
         with lock, results_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -24,8 +24,11 @@ class DataConfig:
     resolution; evaluation runs at the same scale, labels resized with nearest).
     crop_size: training crop (H, W); scale_range: random scale before the crop; batch_size: labelled images per
     worker; unlabeled_batch_size: unlabelled images per worker (0 = same as batch_size).
-    eval_mode: whole | sliding (window = crop_size) | center_crop; val_split: split evaluated; val_limit: evaluate at
-    most this many images (0 = all). synthetic_*: size and counts of the generated dataset."""
+    eval_mode: whole | sliding (window = crop_size) | center_crop; val_split: split evaluated during training (the
+    one to choose hyperparameters and checkpoints on); val_limit: evaluate at most this many images (0 = all);
+    test_split: split evaluated once, after the last iteration, and only reported (``test/miou``): never used to
+    choose anything (None = no test evaluation). cache: decode and resize each image once and keep it in memory
+    (same values as without; turn off for datasets that do not fit in RAM). synthetic_*: size and counts of the generated dataset."""
 
     dataset: str = "synthetic"
     root: str | None = None
@@ -40,6 +43,8 @@ class DataConfig:
     eval_mode: str = "whole"
     val_split: str = "val"
     val_limit: int = 0
+    test_split: str | None = None
+    cache: bool = True
     synthetic_size: tuple[int, int] = (64, 64)
     synthetic_train: int = 400
     synthetic_val: int = 64

@@ -69,6 +69,30 @@ class InfiniteShardedSampler(Sampler):
             epoch, skip = epoch + 1, 0
 
 
+class ResizedSamples:
+    """``resize_pair(dataset.load(index), scale)``, decoded and resized once per image and then kept in memory
+    (``data.cache``): the values are the same as without the cache, each epoch after the first skips PNG decoding
+    and the resize. Masks are kept as uint8 where the labels fit (255 = ignore) to quarter the memory."""
+
+    def __init__(self, dataset: SegDataset, scale: float, cache: bool) -> None:
+        self.dataset, self.scale, self.cache = dataset, scale, cache
+        self._store: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(image, mask, original (H, W)) of dataset sample ``index`` at the run's resolution."""
+        hit = self._store.get(index)
+        if hit is not None:
+            image, mask, size = hit
+            return image.clone(), mask.long(), size
+        image, mask = self.dataset.load(index)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        image, mask = resize_pair(image, mask, self.scale)
+        if self.cache:
+            small = mask.to(torch.uint8) if int(mask.min()) >= 0 and int(mask.max()) <= 255 else mask
+            self._store[index] = (image.clone(), small, size)
+        return image, mask, size
+
+
 class TrainView(Dataset):
     """Augmented training samples of ``subset`` (dataset indices), addressed by ``(position, sample_seed)``."""
 
@@ -80,6 +104,7 @@ class TrainView(Dataset):
         scale_range: tuple[float, float] = (0.5, 2.0),
         resolution_scale: float = 1.0,
         with_boxes: bool = False,
+        samples: ResizedSamples | None = None,
         hide_labels: bool = False,
         keep_eval_masks: bool = False,
         strong: bool = True,
@@ -88,6 +113,7 @@ class TrainView(Dataset):
         self.crop_size, self.scale_range = tuple(crop_size), tuple(scale_range)
         self.resolution_scale, self.strong = resolution_scale, strong
         self.with_boxes, self.hide_labels, self.keep_eval_masks = with_boxes, hide_labels, keep_eval_masks
+        self.samples = samples or ResizedSamples(dataset, resolution_scale, cache=False)
 
     def __len__(self) -> int:
         return len(self.subset)
@@ -95,9 +121,7 @@ class TrainView(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         position, seed = item
         index = self.subset[position]
-        image, mask = self.dataset.load(index)
-        original_size = (int(image.shape[-2]), int(image.shape[-1]))
-        image, mask = resize_pair(image, mask, self.resolution_scale)
+        image, mask, original_size = self.samples.load(index)
         generator = torch.Generator().manual_seed(seed)
         sample = train_views(image, mask, self.crop_size, generator, self.scale_range, strong=self.strong)
         sample["ids"] = torch.tensor(position, dtype=torch.int64)
@@ -125,15 +149,19 @@ class TrainView(Dataset):
 class EvalView(Dataset):
     """Validation samples at ``resolution_scale``, no augmentation; ``ids`` are dataset indices."""
 
-    def __init__(self, dataset: SegDataset, subset: Sequence[int], resolution_scale: float = 1.0) -> None:
+    def __init__(
+        self, dataset: SegDataset, subset: Sequence[int], resolution_scale: float = 1.0, cache: bool = False
+    ) -> None:
         self.dataset, self.subset, self.resolution_scale = dataset, list(subset), resolution_scale
+        self.samples = ResizedSamples(dataset, resolution_scale, cache)
 
     def __len__(self) -> int:
         return len(self.subset)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         index = self.subset[position]
-        sample = eval_view(*resize_pair(*self.dataset.load(index), self.resolution_scale))
+        image, mask, _ = self.samples.load(index)
+        sample = eval_view(image, mask)
         sample["ids"] = torch.tensor(index, dtype=torch.int64)
         return sample
 
@@ -146,6 +174,7 @@ class Loaders:
     info: DataInfo
     split: Split
     dataset_name: str
+    test: DataLoader | None = None
 
 
 def dataset_options(data: DataConfig, split: str) -> dict[str, Any]:
@@ -190,16 +219,11 @@ def build_loaders(
     labels of unlabelled samples as ``eval_masks`` (logging only) when the dataset has labels."""
     train_split = train_split_name(data.dataset, data.root)
     train_set = build_dataset(data.dataset, train_split, data.root, **dataset_options(data, train_split))
-    val_set = build_dataset(data.dataset, data.val_split, data.root, **dataset_options(data, data.val_split))
-    if not val_set.has_labels:
-        raise DataError(f"dataset {data.dataset} split {data.val_split!r} has no labels to evaluate on")
-    if val_set.num_classes != train_set.num_classes:
-        raise DataError(
-            f"dataset {data.dataset}: split {data.val_split!r} has {val_set.num_classes} classes, "
-            f"{train_split!r} has {train_set.num_classes}"
-        )
+    val_set = _eval_set(data, data.val_split, train_set, train_split)
+    test_set = _eval_set(data, data.test_split, train_set, train_split) if data.test_split else None
     split = make_split(train_set, data.labeled, data.split_seed)
     unlabeled_subset = split.unlabeled or split.labeled
+    train_samples = ResizedSamples(train_set, data.resolution_scale, data.cache)
 
     def train_view(subset: list[int], hide_labels: bool) -> TrainView:
         return TrainView(
@@ -209,6 +233,7 @@ def build_loaders(
             data.scale_range,
             data.resolution_scale,
             with_boxes=needs_boxes,
+            samples=train_samples,
             hide_labels=hide_labels,
             keep_eval_masks=keep_eval_masks and train_set.has_labels,
         )
@@ -220,8 +245,6 @@ def build_loaders(
     val_positions = list(range(len(val_set)))
     if data.val_limit > 0:
         val_positions = val_positions[: data.val_limit]
-    val_subset = val_positions[rank::world]
-    sizes = {val_set.image_size(i) for i in val_subset}
     info = DataInfo(
         num_classes=train_set.num_classes,
         class_names=tuple(train_set.class_names),
@@ -239,10 +262,29 @@ def build_loaders(
             data,
             unlabeled_sampler,
         ),
-        val=_loader(
-            EvalView(val_set, val_subset, data.resolution_scale), EVAL_BATCH if len(sizes) <= 1 else 1, data
-        ),
+        val=_eval_loader(val_set, val_positions, data, rank, world),
         info=info,
         split=split,
         dataset_name=data.dataset,
+        test=_eval_loader(test_set, list(range(len(test_set))), data, rank, world) if test_set else None,
     )
+
+
+def _eval_set(data: DataConfig, split_name: str, train_set: SegDataset, train_split: str) -> SegDataset:
+    dataset = build_dataset(data.dataset, split_name, data.root, **dataset_options(data, split_name))
+    if not dataset.has_labels:
+        raise DataError(f"dataset {data.dataset} split {split_name!r} has no labels to evaluate on")
+    if dataset.num_classes != train_set.num_classes:
+        raise DataError(
+            f"dataset {data.dataset}: split {split_name!r} has {dataset.num_classes} classes, "
+            f"{train_split!r} has {train_set.num_classes}"
+        )
+    return dataset
+
+
+def _eval_loader(dataset: SegDataset, positions: list[int], data: DataConfig, rank: int, world: int) -> DataLoader:
+    """Evaluation samples sharded as ``positions[rank::world]`` (no padding, so summed confusion matrices are
+    exact); batched only when every image has the same size."""
+    subset = positions[rank::world]
+    sizes = {dataset.image_size(i) for i in subset}
+    return _loader(EvalView(dataset, subset, data.resolution_scale, data.cache), EVAL_BATCH if len(sizes) <= 1 else 1, data)

@@ -24,6 +24,7 @@ from raysemi.engine.checkpoint import FORMAT_VERSION, load_state, save_atomic
 from raysemi.engine.evaluate import evaluate
 from raysemi.errors import CheckpointError
 from raysemi.methods import METHODS, Method, Progress, build_method
+from raysemi.methods.base import REPORTED_NET
 from raysemi.methods.components import all_reduce_sum
 from raysemi.metrics import summarize
 from raysemi.models import build_model
@@ -176,6 +177,7 @@ class Trainer:
         self.iteration = 0
         self.stats = LossStats()
         self.last_eval: dict[str, Any] = {}
+        self.eval_history: list[dict[str, float]] = []
         self.images_seen = 0
         self.train_seconds = 0.0
         self.checkpoint_path: str | None = None
@@ -197,7 +199,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "stats": {"last": self.stats.last, "sums": self.stats.sums, "count": self.stats.count},
-            "last_eval": {k: v for k, v in self.last_eval.items() if k != "per_class_iou"},
+            "last_eval": {k: v for k, v in self.last_eval.items() if not k.endswith("per_class_iou")},
+            "eval_history": self.eval_history,
             "images_seen": self.images_seen,
             "train_seconds": self.train_seconds,
             "config": to_dict(self.cfg),
@@ -222,6 +225,7 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.stats = LossStats(**state["stats"])
         self.last_eval = dict(state.get("last_eval", {}))
+        self.eval_history = list(state.get("eval_history", []))
         self.images_seen = int(state.get("images_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         torch.set_rng_state(state["rng_cpu"])
@@ -298,6 +302,9 @@ class Trainer:
             return
         if do_eval:
             self.last_eval = self.evaluate(final=final)
+            self.eval_history.append(
+                {"iteration": it, **{k: v for k, v in self.last_eval.items() if k.startswith("val/miou")}}
+            )
             for cb in self.callbacks:
                 cb.on_eval(it, self.last_eval)
         metrics = {"iteration": it, **{k: v for k, v in self.last_eval.items() if isinstance(v, (int, float))}}
@@ -307,25 +314,38 @@ class Trainer:
             self.checkpoint_path = path
 
     def evaluate(self, final: bool = False) -> dict[str, Any]:
-        """Evaluate the method's evaluation network (and, at the end, its extra networks) on this rank's val shard,
-        summing confusion matrices over workers."""
-        data, info = self.cfg.data, self.loaders.info
+        """Evaluate the method's evaluation network and its other networks (``val/miou_<name>``: the student of a
+        mean teacher, the second net of cps) on this rank's val shard, summing confusion matrices over workers.
+        At the end of training (``final``) the same networks are also scored once on ``data.test_split`` when it
+        is set (``test/miou``, ``test/miou_<name>``); nothing reads those numbers back during training."""
         self.method.eval()
         try:
-            confusion = evaluate(self.method.predict, self.loaders.val, info.num_classes, data.eval_mode, data.crop_size, self.device)
-            self.confusion = all_reduce_sum(confusion.to(self.device)).cpu()
-            result = summarize(self.confusion, info.class_names)
-            metrics: dict[str, Any] = {
-                "val/miou": result["miou"],
-                "val/pixel_acc": result["pixel_acc"],
-                "per_class_iou": result["per_class_iou"],
-            }
-            if final:
-                for name, net in self.method.extra_eval_models().items():
-                    cm = evaluate(net, self.loaders.val, info.num_classes, data.eval_mode, data.crop_size, self.device)
-                    metrics[f"val/miou_{name}"] = summarize(all_reduce_sum(cm.to(self.device)).cpu())["miou"]
+            metrics = self._score(self.loaders.val, "val", keep_confusion=True)
+            if final and self.loaders.test is not None:
+                metrics.update(self._score(self.loaders.test, "test"))
         finally:
             self.method.train()
+        return metrics
+
+    def _score(self, loader: Any, prefix: str, keep_confusion: bool = False) -> dict[str, Any]:
+        data, info = self.cfg.data, self.loaders.info
+
+        def confusion_of(predict: Any) -> torch.Tensor:
+            cm = evaluate(predict, loader, info.num_classes, data.eval_mode, data.crop_size, self.device)
+            return all_reduce_sum(cm.to(self.device)).cpu()
+
+        confusion = confusion_of(self.method.predict)
+        if keep_confusion:
+            self.confusion = confusion
+        result = summarize(confusion, info.class_names)
+        per_class_key = "per_class_iou" if prefix == "val" else f"{prefix}_per_class_iou"
+        metrics: dict[str, Any] = {
+            f"{prefix}/miou": result["miou"],
+            f"{prefix}/pixel_acc": result["pixel_acc"],
+            per_class_key: result["per_class_iou"],
+        }
+        for name, net in self.method.extra_eval_models().items():
+            metrics[f"{prefix}/miou_{name}"] = summarize(confusion_of(net))["miou"]
         return metrics
 
     # ------------------------------------------------------------------------------------------- outputs
@@ -348,10 +368,15 @@ class Trainer:
             "seed": cfg.train.seed,
             "workers": self.runtime.world_size,
             "eval_mode": cfg.data.eval_mode,
+            "reported_net": REPORTED_NET,
             "val_miou": self.last_eval.get("val/miou"),
             "val_pixel_acc": self.last_eval.get("val/pixel_acc"),
             "per_class_iou": self.last_eval.get("per_class_iou"),
             **{k.replace("val/", "val_"): v for k, v in self.last_eval.items() if k.startswith("val/miou_")},
+            "test_split": cfg.data.test_split,
+            **{k.replace("test/", "test_"): v for k, v in self.last_eval.items() if k.startswith("test/")},
+            "test_per_class_iou": self.last_eval.get("test_per_class_iou"),
+            "eval_history": self.eval_history,
             "losses_last": self.stats.last,
             "losses_mean": self.stats.means(),
             "images_per_s": self.images_seen / self.train_seconds if self.train_seconds > 0 else None,

@@ -121,6 +121,8 @@ class MlflowCallback(Callback):
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for name, iou in (metrics.get("per_class_iou") or {}).items():
             values[f"val_iou/{name}"] = iou
+        for name, iou in (metrics.get("test_per_class_iou") or {}).items():
+            values[f"test_iou/{name}"] = iou
         self._log_metrics(values, iteration)
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -116,7 +116,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def eval_model(self) -> nn.Module:
-        """The network that predicts at evaluation and is exported."""
+        """The network that predicts at evaluation, is reported (``val/miou``, ``test/miou``) and is exported.
+
+        One rule for every method (``REPORTED_NET``): the student, i.e. the network trained by gradient on the
+        labelled and unlabelled losses (``net1`` of the two-network methods). An EMA teacher, a second network or an
+        ensemble is scored and logged beside it (``extra_eval_models``), never swapped in per result."""
         return self.student()
 
     @torch.no_grad()
@@ -143,6 +147,9 @@ def param_groups(model: nn.Module, **extra: Any) -> list[dict[str, Any]]:
         groups.append({"params": head, "lr_mult": "head", **extra})
     return groups
 
+
+#: Which network ``val/miou`` and ``test/miou`` score, for every method (see ``Method.eval_model``).
+REPORTED_NET = "student"
 
 METHODS: Registry[type[Method]] = Registry("method")
 

@@ -94,9 +94,6 @@ class ClassMix(MeanTeacherMethod):
     Hyper = ClassMixHyper
     probe_overrides = {"conf_threshold": 0.0}
 
-    def eval_model(self) -> nn.Module:
-        return self.net
-
     def extra_eval_models(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher}
 

@@ -88,15 +88,12 @@ class CutMix(MeanTeacherMethod):
     Hyper = CutMixHyper
     probe_overrides = {"conf_threshold": 0.0}
 
-    def eval_model(self) -> nn.Module:
-        return self.target_net()
-
     def target_net(self) -> nn.Module:
         """The network whose predictions are the targets: the EMA teacher, or the student in Pi mode."""
         return self.net if self.hp.pi_mode else self.teacher
 
     def extra_eval_models(self) -> dict[str, nn.Module]:
-        return {} if self.hp.pi_mode else {"student": self.net}
+        return {} if self.hp.pi_mode else {"teacher": self.teacher}
 
     def draw_masks(self, unlabeled: Batch) -> torch.Tensor:
         hp = self.hp

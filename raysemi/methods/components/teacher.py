@@ -66,8 +66,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: st
 
 
 class MeanTeacherMethod(Method):
-    """A student trained by gradient and its EMA teacher (mt, cutmix, classmix, ael). The teacher is evaluated and
-    the student logged; the teacher follows the student after every optimizer step with the warm-up decay of
+    """A student trained by gradient and its EMA teacher (mt, cutmix, classmix, ael). Like every method, the student
+    is reported (``Method.eval_model``) and the teacher is scored and logged beside it (``val/miou_teacher``); the
+    teacher follows the student after every optimizer step with the warm-up decay of
     ``ema_decay_at``. Subclass hyperparameters declare ``ema_decay`` and ``ema_buffers``."""
 
     def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: Hyperparameters) -> None:
@@ -78,11 +79,8 @@ class MeanTeacherMethod(Method):
     def student(self) -> nn.Module:
         return self.net
 
-    def eval_model(self) -> nn.Module:
-        return self.teacher
-
     def extra_eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.net}
+        return {"teacher": self.teacher}
 
     def ema_decay(self, progress: Progress) -> float:
         return ema_decay_at(progress.iteration, self.hp.ema_decay)
