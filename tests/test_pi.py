@@ -69,14 +69,42 @@ def test_padded_pixels_carry_no_consistency() -> None:
 
 
 @pytest.mark.parametrize(("detach", "expected"), [(True, 0.1875 * LN3), (False, 0.375 * LN3)])
-def test_gradient_reaches_the_target_branch_only_when_not_detached(detach: bool, expected: float) -> None:
-    # p = sigmoid(s ln3) = 0.75 and q = sigmoid(-s ln3) = 0.25 at s = 1; dp/ds = 0.1875 ln3 = -dq/ds;
-    # L = mean_c (p_c - q_c)^2 = (p - q)^2 = 0.25, dL/ds = 2 (p - q) (dp/ds - dq/ds if q has gradient)
+def test_gradient_reaches_both_branches_only_when_not_detached(detach: bool, expected: float) -> None:
+    # p = sigmoid(s ln3) = 0.75 (clean) and q = sigmoid(-s ln3) = 0.25 (noisy) at s = 1; dp/ds = 0.1875 ln3 =
+    # -dq/ds; L = mean_c (p_c - q_c)^2 = (p - q)^2 = 0.25, dL/ds = 2 (p - q) (dp/ds if p has gradient - dq/ds)
     method = _pi(cons_weight=1.0, pi_detach_target=detach)
     out = method(_batch((LN3, 0), (-LN3, 0), True), _batch((LN3, 0), (-LN3, 0), False), Progress(5, 10))
     assert out.logs["cons_raw"] == pytest.approx(0.25)
     (grad,) = torch.autograd.grad(out.terms["unsup"], [method.net.scale])
     assert float(grad) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("detach", "clean_grad"), [(True, 0.0), (False, -1 / 64)])
+def test_the_clean_pass_is_the_target_and_the_noisy_pass_takes_the_gradient(detach: bool, clean_grad: float) -> None:
+    # clean logits (0, 0) -> p = (0.5, 0.5); noisy (ln 3, 0) -> q = (0.75, 0.25); L = sum (q - p)^2 / 16 over
+    # 2 images x 2 classes x 2x2 pixels. dL/dq_0 = 2 (0.25) / 16 = 1/32 = -dL/dq_1, and the softmax Jacobian gives
+    # dL/dz_0 = (1/32) q0 q1 + (1/32) q0 q1 = 0.1875 / 16 at each noisy pixel; at a clean pixel dL/dz_0 =
+    # -(1/32) 0.25 - (1/32) 0.25 = -1/64 when the clean pass is not detached.
+    labelled, unlabelled = _batch((0, 0), (LN3, 0), True), _batch((0, 0), (LN3, 0), False)
+    inputs = [t.requires_grad_() for b in (labelled, unlabelled) for t in (b.images, b.strong_images)]
+    method = _pi(cons_weight=1.0, pi_detach_target=detach)
+    out = method(labelled, unlabelled, Progress(5, 10))
+    assert out.logs["cons_raw"] == pytest.approx(0.0625)
+    grads = _grads(out.terms["unsup"], inputs)
+    for clean, noisy in (grads[:2], grads[2:]):
+        assert torch.allclose(clean[:, 0], torch.full((1, 2, 2), clean_grad), atol=1e-7)
+        assert torch.allclose(clean[:, 1], torch.full((1, 2, 2), -clean_grad), atol=1e-7)
+        assert torch.allclose(noisy[:, 0], torch.full((1, 2, 2), 0.1875 / 16), atol=1e-7)
+        assert torch.allclose(noisy[:, 1], torch.full((1, 2, 2), -0.1875 / 16), atol=1e-7)
+    # the supervised CE trains the network through the clean labelled pass only
+    sup_clean, sup_noisy = _grads(out.terms["sup"], [labelled.images, labelled.strong_images])
+    assert sup_clean.abs().sum() > 0 and sup_noisy.abs().sum() == 0
+
+
+def _grads(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of ``loss`` w.r.t. ``inputs``, zeros for inputs the loss does not depend on."""
+    grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
 
 
 def _tiny(in_channels: int = 3) -> nn.Module:

@@ -59,22 +59,25 @@ class PiModel(Method):
         cons_weight: maximum consistency weight ``w_max`` (project choice for mean-reduced MSE; paper 100).
         rampup_length: sigmoid ramp-up length as a fraction of the total iterations (paper: 80 epochs).
         rampup_kind: ramp-up shape: sigmoid (paper), linear, cosine, log, exp.
-        pi_detach_target: stop the gradient through the second pass (French et al.'s "pi" mode); False gives
-            both passes gradient, as in the original Pi-model.
+        pi_detach_target: the clean pass is the target, without gradient, and the consistency trains the network
+            through the noisy pass only (French et al.'s "pi" mode, default); False gives both passes gradient,
+            as in the original Pi-model.
 
     Step: every labelled and unlabelled image is passed twice through the network in train mode (dropout and
-    batch-norm active): pass 1 on the weak view ``images``, pass 2 on ``strong_images`` (the same crop and flip
-    with different photometric noise). ``L = CE(f(x1_l), y_l) + cons_weight * w(t) * mean((p1 - p2)^2)`` with
-    ``p = softmax(f)`` over all images, ``p2`` detached unless ``pi_detach_target`` is False. The single network
-    is evaluated.
+    batch-norm active): pass 1 on the weak (clean) view ``images``, pass 2 on ``strong_images`` (the same crop
+    and flip with different photometric noise). ``L = CE(f(x1_l), y_l) + cons_weight * w(t) * mean((p2 -
+    sg(p1))^2)`` with ``p = softmax(f)`` over all images: the supervised CE is on the clean labelled pass, and the
+    consistency reaches the network only through the noisy pass ``p2``; with ``pi_detach_target`` False the
+    ``sg`` is dropped and both passes take its gradient. The single network is evaluated.
 
-    Deviations from the paper: the paper evaluated classification only (no segmentation numbers); the noise is the
-    project's photometric strong augmentation on a shared geometry, plus dropout, instead of two independent
-    translations/flips with Gaussian input noise (a shared geometry needs no inversion of the target); the
-    consistency is the mean over classes and pixels (spec ``MSE_prob``) rather than the paper's per-sample sum,
-    hence ``w_max`` 10 instead of 100 and no scaling by the labelled fraction; padded pixels get weight 0 (the
-    mean still counts them); the ramp-up length is a fraction of the iterations. A labelled batch without
-    ``strong_images`` uses ``images`` for both passes (noise from dropout only).
+    Deviations from the paper: by default the clean prediction is a stop-gradient target (French et al.'s "pi"
+    variant; Laine & Aila give both passes gradient: ``pi_detach_target`` False); the paper evaluated classification
+    only (no segmentation numbers); the noise is the project's photometric strong augmentation on a shared geometry,
+    plus dropout, instead of two independent translations/flips with Gaussian input noise (a shared geometry needs
+    no inversion of the target); the consistency is the mean over classes and pixels (spec ``MSE_prob``) rather than
+    the paper's per-sample sum, hence ``w_max`` 10 instead of 100 and no scaling by the labelled fraction; padded
+    pixels get weight 0 (the mean still counts them); the ramp-up length is a fraction of the iterations. A labelled
+    batch without ``strong_images`` uses ``images`` for both passes (noise from dropout only).
     """
 
     Hyper = PiHyper
@@ -89,13 +92,15 @@ class PiModel(Method):
     def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
         hp = self.hp
         n_l = len(labeled)
-        first = torch.cat([labeled.images, unlabeled.images])
-        second = torch.cat([_noisy_view(labeled), _noisy_view(unlabeled)])
-        logits = self.net(first)
-        loss_sup = cross_entropy(logits[:n_l], labeled.masks)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not hp.pi_detach_target):
-            target = F.softmax(self.net(second).float(), dim=1)
-        loss_cons = consistency(F.softmax(logits.float(), dim=1), target, pixel_weights(labeled, unlabeled))
+        clean_logits = self.net(torch.cat([labeled.images, unlabeled.images]))
+        noisy_logits = self.net(torch.cat([_noisy_view(labeled), _noisy_view(unlabeled)]))
+        loss_sup = cross_entropy(clean_logits[:n_l], labeled.masks)
+        clean = F.softmax(clean_logits.float(), dim=1)
+        # French et al.: the clean prediction is the target, so the noisy branch learns to match it and the
+        # clean one is never pulled toward its corrupted version.
+        target = clean.detach() if hp.pi_detach_target else clean
+        noisy = F.softmax(noisy_logits.float(), dim=1)
+        loss_cons = consistency(noisy, target, pixel_weights(labeled, unlabeled))
         ramp = rampup(hp.rampup_kind, progress.fraction, hp.rampup_length)
         loss_unsup = hp.cons_weight * ramp * loss_cons
         total = loss_sup + loss_unsup
