@@ -203,11 +203,54 @@ def test_ids_outside_their_set_fail_with_a_clear_message(labelled_id: int, unlab
     assert method.bank_count.sum() == 0
 
 
+@pytest.mark.parametrize(("crop", "cells"), [((90, 120), (12, 15)), ((513, 513), (65, 65)), ((64, 64), (8, 8))])
+def test_default_bank_is_the_crop_at_output_stride_8(crop: tuple[int, int], cells: tuple[int, int]) -> None:
+    info = DataInfo(num_classes=3, num_unlabeled=2, num_labeled=1, crop_size=crop)
+    method = build_method("te", lambda in_channels=3: ChannelLogits(), info, {})
+    assert method.bank.shape == (3, 3, *cells) and method.bank_count.shape == (3, *cells)
+    explicit = build_method("te", lambda in_channels=3: ChannelLogits(), info, {"bank_height": 7, "bank_width": 9})
+    assert explicit.bank.shape == (3, 3, 7, 9)
+
+
+def test_a_thin_line_keeps_its_class_at_stride_8_where_the_old_16x16_bank_erased_it() -> None:
+    # a one-hot 2-pixel-wide vertical line of class 1 at columns 11-12 of a 256x256 crop (= the whole image).
+    # Stride 8: cell 1 spans columns 8-15, mean 2/8; pixel centres 11.5 and 12.5 sit 0.5 from its centre 12, so
+    # bilinear sampling gives 0.25 * (1 - 0.5/8) = 0.234375. 16x16 cells (stride 16): cell 0 spans columns 0-15,
+    # mean 2/16; centres 8 and 24: 0.125 * (1 - 3.5/16) = 0.09765625 and 0.125 * (1 - 4.5/16) = 0.08984375.
+    info = DataInfo(num_classes=3, num_unlabeled=1, num_labeled=1, crop_size=(256, 256))
+    line = torch.zeros(1, 256, 256, dtype=torch.long)
+    line[:, :, 11:13] = 1
+    images = 40.0 * F.one_hot(line, 3).permute(0, 3, 1, 2).float()
+    targets = {}
+    for name, cells in (("stride_8", {}), ("old_16x16", {"bank_height": 16, "bank_width": 16})):
+        method = build_method("te", lambda in_channels=3: ChannelLogits(), info, {"bank_dtype": "float32", **cells})
+        method(_batch(torch.zeros(1, 3, 256, 256), [0], labelled=True), _batch(images, [0]), Progress(5, 10))
+        target, _ = method.ensemble_target(torch.tensor([0]), torch.tensor([IDENTITY]), (256, 256))
+        targets[name] = target[0, 1, 0, 11:13]
+    assert torch.allclose(targets["stride_8"], torch.tensor([0.234375, 0.234375]), atol=1e-6)
+    assert torch.allclose(targets["old_16x16"], torch.tensor([0.09765625, 0.08984375]), atol=1e-6)
+
+
+def test_rampup_is_a_fraction_of_the_run_whatever_its_length() -> None:
+    # 15% of the run with rampup_length 0.3: sigmoid ramp exp(-5 (1 - 0.5)^2), at 200 or 20,000 iterations
+    images = torch.randn(1, 3, 4, 4)
+    ramps = [
+        _te(rampup_length=0.3)(_batch(images, [0], labelled=True), _batch(images, [1]), Progress(15 * n, 100 * n))
+        .logs["ramp"]
+        for n in (2, 200)
+    ]
+    assert ramps == pytest.approx([math.exp(-1.25)] * 2)
+
+
 def test_bad_choices_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="method.bank_dtype"):
         _te(bank_dtype="bfloat8")
     with pytest.raises(ConfigError, match="method.alpha"):
         _te(alpha=1.0)
+    with pytest.raises(ConfigError, match="method.bank_stride"):
+        _te(bank_stride=0)
+    with pytest.raises(ConfigError, match="method.bank_height/bank_width"):
+        _te(bank_height=8, bank_width=0)
 
 
 def _tiny(in_channels: int = 3) -> nn.Module:

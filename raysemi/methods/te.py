@@ -3,6 +3,7 @@ form with a per-pixel prediction bank in the canonical frame of each image."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,9 @@ class TemporalEnsemblingHyper(Hyperparameters):
     rampup_length: float = 0.3
     rampup_kind: str = "sigmoid"
     alpha: float = 0.6
-    bank_height: int = 16
-    bank_width: int = 16
+    bank_stride: int = 8
+    bank_height: int = 0
+    bank_width: int = 0
     bank_dtype: str = "float16"
     min_cell_coverage: float = 0.5
     cons_on_labeled: bool = True
@@ -55,10 +57,21 @@ class TemporalEnsemblingHyper(Hyperparameters):
             raise ConfigError(f"method.bank_dtype: expected one of float16, float32, got {self.bank_dtype!r}")
         if not 0.0 <= self.alpha < 1.0:
             raise ConfigError(f"method.alpha: expected 0 <= alpha < 1, got {self.alpha}")
-        if self.bank_height < 1 or self.bank_width < 1:
+        if self.bank_stride < 1:
+            raise ConfigError(f"method.bank_stride: expected an integer >= 1, got {self.bank_stride}")
+        if min(self.bank_height, self.bank_width) < 0 or (self.bank_height > 0) != (self.bank_width > 0):
             raise ConfigError(
-                f"method.bank_height/bank_width: expected >= 1, got {self.bank_height}x{self.bank_width}"
+                f"method.bank_height/bank_width: expected both >= 1, or both 0 (size from the crop and "
+                f"bank_stride), got {self.bank_height}x{self.bank_width}"
             )
+
+
+def bank_cells(hp: TemporalEnsemblingHyper, crop_size: tuple[int, int]) -> tuple[int, int]:
+    """Cells (h, w) of the per-image bank grid: ``bank_height x bank_width`` when set, else the crop at
+    ``bank_stride``, ``ceil(crop / bank_stride)`` per side (the crop stands for the image's size at scale 1)."""
+    if hp.bank_height > 0:
+        return hp.bank_height, hp.bank_width
+    return math.ceil(crop_size[0] / hp.bank_stride), math.ceil(crop_size[1] / hp.bank_stride)
 
 
 @register_method("te")
@@ -69,9 +82,14 @@ class TemporalEnsembling(Method):
         cons_weight: maximum consistency weight ``w_max`` (project choice for mean-reduced MSE; paper 100).
         rampup_length: sigmoid ramp-up length as a fraction of the total iterations (paper: 80 epochs).
         rampup_kind: ramp-up shape: sigmoid (paper), linear, cosine, log, exp.
-        alpha: ensemble momentum of the bank ``Z <- alpha Z + (1 - alpha) z`` (paper 0.6).
-        bank_height, bank_width: cells of the per-image bank grid over the whole un-augmented image (fixed
-            up-front: images of any size share it). Faithful output stride 8 is image size / 8.
+        alpha: ensemble momentum of the bank ``Z <- alpha Z + (1 - alpha) z``, per visit of a sample (paper 0.6
+            per epoch, one visit per epoch): the ensemble weighs about ``1 / (1 - alpha)`` = 2.5 past predictions
+            of each sample whatever the run's length, which is what the paper's value means.
+        bank_stride: pixels of the training crop per bank cell (spec: output stride 8): the grid over the whole
+            un-augmented image has ``ceil(crop_size / bank_stride)`` cells per side, the crop standing for the
+            image's size at scale 1 (true for VOC's 513 crop over images of at most 500 pixels).
+        bank_height, bank_width: explicit cells of the grid instead (both 0 = from the crop): for images larger
+            than the crop, e.g. Cityscapes' 1024x2048 at stride 8 = 128x256. Images of any size share one grid.
         bank_dtype: bank storage, float16 (default) or float32.
         min_cell_coverage: a bank cell is updated only when the crop covers at least this fraction of its area.
         cons_on_labeled: keep ensembles of the labelled images too and apply the consistency to them (paper).
@@ -86,21 +104,28 @@ class TemporalEnsembling(Method):
     coverage are all-gathered and every worker applies every update in the same order, so banks stay identical.
     The single network is evaluated.
 
-    Memory: ``N * C * bank_height * bank_width * 2`` bytes in float16 plus ``N * bank_height * bank_width * 4`` for
-    counts, ``N = num_unlabeled (+ num_labeled)``. CamVid, 321 images x 11 classes at 23x30: 4.9 MB (+ 0.9 MB);
-    at 45x60 (stride 8 of 360x480): 19.1 MB. VOC aug, 10582 x 21 at 16x16: 114 MB. DDP's per-step buffer
-    broadcast sends it every step: the ranks already agree, so ``broadcast_buffers=False`` loses nothing here.
+    Memory: ``N * C * h * w * 2`` bytes in float16 plus ``N * h * w * 4`` for counts, ``N = num_unlabeled (+
+    num_labeled)``, ``h x w`` the grid. CamVid at 90x120, 367 images x 11 classes at stride 8 (12x15): 1.5 MB (+
+    0.3 MB). VOC aug, 10582 x 21 at 65x65 (stride 8 of the 513 crop): 1.9 GB (+ 0.18 GB). Cityscapes, 2975 x 19
+    at 128x256: 3.7 GB (+ 0.39 GB). The ranks' banks already agree, so a per-step broadcast of every buffer (the Ray
+    runtime's ``sync_state``) moves the bank for nothing.
 
-    Deviations from the paper: no segmentation numbers in the paper (classification); the bank is updated at
-    every visit instead of once per epoch (equal when each sample is visited once per epoch); it stores per-cell
-    predictions at reduced resolution in the canonical frame (fp16 by default), with per-cell counts because
-    random crops update cells at different times, and the target is upsampled to the crop; cells covered by less
-    than ``min_cell_coverage`` of a crop are not updated; noise is the random weak geometry, photometric strong
-    augmentation (unlabelled images) and dropout, instead of translations, flips and Gaussian input noise; the
-    consistency is the mean over classes and pixels (spec ``MSE_prob``) rather than a per-sample sum, hence
-    ``w_max`` 10 and no scaling by the labelled fraction; ramp-up length is a fraction of the iterations. A batch
-    without ``geometry`` is treated as the whole, unflipped image. Labelled batch ids must index the labelled set
-    (``0 <= id < num_labeled``); their bank rows follow the unlabelled ones.
+    Thin structures: a stride-``s`` cell averages a 2-pixel-wide line with ``s - 2`` pixels of its neighbours, so
+    a perfect one-hot line comes back as a target of at most ``2 / s`` for its class: 0.23 for a line centred in a
+    stride-8 cell, 0.19 on average over positions (stride 4: 0.36, stride 2: 0.63, for 4x and 16x the memory).
+
+    Deviations from the paper: no segmentation numbers in the paper (classification); the bank is updated at every
+    visit instead of once per epoch (equal when each sample is visited once per epoch; with 1:1 labelled and
+    unlabelled batches a labelled sample is visited ``num_unlabeled / num_labeled`` times as often, so its ensemble
+    spans that many times fewer iterations); it stores per-cell predictions at reduced resolution in the canonical
+    frame (fp16 by default), with per-cell counts because random crops update cells at different times, and the
+    target is upsampled to the crop; cells covered by less than ``min_cell_coverage`` of a crop are not updated;
+    noise is the random weak geometry, photometric strong augmentation (unlabelled images) and dropout, instead of
+    translations, flips and Gaussian input noise; the consistency is the mean over classes and pixels (spec
+    ``MSE_prob``) rather than a per-sample sum, hence ``w_max`` 10 and no scaling by the labelled fraction; ramp-up
+    length is a fraction of the iterations. A batch without ``geometry`` is treated as the whole, unflipped image.
+    Labelled batch ids must index the labelled set (``0 <= id < num_labeled``); their bank rows follow the
+    unlabelled ones.
     """
 
     Hyper = TemporalEnsemblingHyper
@@ -109,7 +134,7 @@ class TemporalEnsembling(Method):
         super().__init__(model_factory, info, hparams)
         self.net = model_factory()
         rows = info.num_unlabeled + (info.num_labeled if hparams.cons_on_labeled else 0)
-        cells = (hparams.bank_height, hparams.bank_width)
+        cells = bank_cells(hparams, info.crop_size)
         self.register_buffer(
             "bank", torch.zeros(rows, info.num_classes, *cells, dtype=BANK_DTYPES[hparams.bank_dtype])
         )
@@ -186,7 +211,7 @@ class TemporalEnsembling(Method):
     ) -> None:
         """``Z <- alpha Z + (1 - alpha) z`` and ``e += 1`` on the cells each crop covers, for the samples of every
         worker (all-gathered), applied in the same order everywhere so that the banks stay identical."""
-        cells = (self.hp.bank_height, self.hp.bank_width)
+        cells = (self.bank.shape[-2], self.bank.shape[-1])
         means, covered = crop_to_canonical(probs.float(), geometry.float(), cells, valid)
         rows = all_gather_cat(rows)
         means = all_gather_cat(means)
