@@ -20,6 +20,7 @@ from raysemi.methods.components import (
     pseudo_labels,
     rampup,
 )
+from raysemi.methods.supervised import SupervisedHyper, supervised_loss
 
 
 @pytest.mark.parametrize(
@@ -98,6 +99,48 @@ def test_ohem_keeps_nothing_when_everything_is_easy() -> None:
     logits = torch.tensor([[[[10.0]], [[0.0]]]])
     assert float(ohem_cross_entropy(logits, torch.tensor([[[0]]]), thresh=0.7, min_kept=0)) == 0.0
     assert float(ohem_cross_entropy(logits, torch.tensor([[[0]]]), thresh=0.7, min_kept=1)) > 0.0
+
+
+# true-class probabilities of a 2x5 image, class 0 everywhere; pixels 4 (0.99) and 7 (0.3, the hardest) are ignored
+OHEM_P = [0.95, 0.6, 0.9, 0.8, 0.99, 0.85, 0.75, 0.3, 0.97, 0.92]
+
+
+def _ohem_case() -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.tensor(OHEM_P)
+    logits = torch.stack([torch.log(p / (1 - p)), torch.zeros(10)]).view(1, 2, 2, 5).requires_grad_()
+    target = torch.zeros(1, 2, 5, dtype=torch.long)
+    target.view(-1)[[4, 7]] = 255
+    return logits, target
+
+
+@pytest.mark.parametrize(
+    ("min_kept", "fraction", "kept"),
+    [
+        (0, 0.0, [1]),  # threshold 0.7 alone: p 0.6
+        (0, 0.3, [1, 6, 3]),  # k = round(0.3 x 10 pixels, ignored ones included) = 3: p 0.6, 0.75, 0.8
+        (4, 0.3, [1, 6, 3, 5]),  # k = max(4, 3): and 0.85
+        (0, 1.0, [0, 1, 2, 3, 5, 6, 8, 9]),  # k = 10 > 8 valid pixels: every valid one, never an ignored one
+    ],
+)
+def test_ohem_keeps_exactly_the_hardest_valid_pixels(min_kept: int, fraction: float, kept: list[int]) -> None:
+    logits, target = _ohem_case()
+    loss = ohem_cross_entropy(logits, target, 0.7, min_kept, min_kept_fraction=fraction)
+    assert float(loss.detach()) == pytest.approx(-sum(math.log(OHEM_P[i]) for i in kept) / len(kept))
+    loss.backward()
+    trained = logits.grad.abs().sum(dim=1).view(-1) > 0
+    assert sorted(trained.nonzero().view(-1).tolist()) == sorted(kept)
+
+
+def test_supervised_ohem_keeps_its_share_of_a_cpu_batch() -> None:
+    # 8 x 90 x 120 = 86,400 pixels, all easy (p > 0.7): a fixed min_kept of 100,000 would keep every pixel (plain
+    # CE); the default share 0.042 keeps the round(0.042 x 86,400) = 3,629 hardest
+    p = 0.75 + 0.24 * torch.rand(8, 90, 120, generator=torch.Generator().manual_seed(0))
+    logits = torch.stack([torch.log(p / (1 - p)), torch.zeros_like(p)], dim=1)
+    masks = torch.zeros(8, 90, 120, dtype=torch.long)
+    loss = supervised_loss(SupervisedHyper(ohem=True), logits, masks)
+    hardest = p.view(-1).sort().values[:3629]
+    assert float(loss) == pytest.approx(float(-hardest.log().mean()), rel=1e-5)
+    assert float(loss) > 1.5 * float(-p.log().mean())
 
 
 def test_mse_prob_is_a_mean_over_classes_and_pixels() -> None:
