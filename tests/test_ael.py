@@ -4,11 +4,13 @@ CutMix against hand-computed values, and the section 12 cross-method checks."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from raysemi.data.batch import IGNORE_INDEX
+from raysemi.data.datasets import CamVid, Cityscapes, PascalVOC
 from raysemi.errors import ConfigError
 from raysemi.methods import Progress, build_method
 from raysemi.methods.ael import (
@@ -111,18 +113,89 @@ def test_conf_update_matches_hand_computed_ema() -> None:
     assert present.tolist() == [True, True, False]
     info = dataclasses.replace(probe_info(), num_classes=3)
     for skip_absent, expected in ((False, [0.52, 0.23, 0.81]), (True, [0.52, 0.23, 0.9])):
-        method = _build(info, m_conf=0.9, conf_skip_absent=skip_absent)
+        method = _build(info, m_conf=0.9, conf_horizon=0.0, conf_skip_absent=skip_absent)
         method.conf.copy_(torch.tensor([0.5, 0.2, 0.9]))
-        method._update_conf(probs, labels)
+        method._update_conf(probs, labels, method.conf_momentum(Progress(0, 10)))
         assert torch.allclose(method.conf, torch.tensor(expected))
 
 
-def test_conf_starts_random_and_stays_in_unit_interval_and_bank_binary() -> None:
+def _three_class_observation() -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and labels whose per-class confidences are (0.7, 0.5, 0): class 2 is absent."""
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.8, 0.1, 0.1], [0.3, 0.5, 0.2], [0.1, 0.1, 0.8]]).T
+    return probs.reshape(1, 3, 1, 4), torch.tensor([[[0, 0, 1, IGNORE_INDEX]]])
+
+
+@pytest.mark.parametrize(("total", "horizon", "momentum"), [(200, 0.025, 0.8), (2000, 0.025, 0.98),
+                                                            (40000, 0.025, 0.999), (300, 0.0, 0.999)])
+def test_conf_momentum_scales_with_the_run(total: int, horizon: float, momentum: float) -> None:
+    """Time constant ``conf_horizon x T``; horizon 0 keeps the reference's fixed 0.999 (old code: always)."""
+    method = _build(conf_horizon=horizon)
+    assert method.conf_momentum(Progress(0, total)) == pytest.approx(momentum)
+
+
+def test_conf_after_k_updates_equals_the_hand_computed_ema() -> None:
+    """From 1/3 with momentum 0.8 (200 iterations, horizon 0.025 -> time constant 5), three observations of
+    (0.7, 0.5, 0): ``0.8^3 / 3 + (1 - 0.8^3) * obs``. Old code: a random start and momentum 0.999."""
+    method = _build(dataclasses.replace(probe_info(), num_classes=3))
+    probs, labels = _three_class_observation()
+    for step in range(3):
+        method._update_conf(probs, labels, method.conf_momentum(Progress(step, 200)))
+    kept = 0.8**3
+    expected = [kept / 3 + (1 - kept) * 0.7, kept / 3 + (1 - kept) * 0.5, kept / 3]
+    assert torch.allclose(method.conf, torch.tensor(expected))
+    assert torch.allclose(method.conf, torch.tensor([0.512267, 0.414667, 0.170667]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("iteration", "ramp"),
+    [(0, 0.0), (5, 0.5 - 0.5 * math.cos(math.pi / 4)), (10, 0.5), (20, 1.0), (70, 1.0)],
+)
+def test_unsupervised_weight_ramps_up_over_a_fifth_of_the_run(iteration: int, ramp: float) -> None:
+    """Cosine ramp over 0.2 of 100 iterations. Old code: consist_weight (1) from step 0."""
+    method = _build().eval()
+    labeled, unlabeled = make_probe_batches(seed=3)
+    torch.manual_seed(2)
+    out = method(labeled, unlabeled, Progress(iteration, 100))
+    assert method.unsup_weight(Progress(iteration, 100)) == pytest.approx(ramp, abs=1e-12)
+    assert out.logs["unsup_weight"] == pytest.approx(ramp, abs=1e-12)
+    raw = out.logs["loss_u_labeled"] + out.logs["loss_u_mixed"]
+    assert out.terms["unsup"].item() == pytest.approx(ramp * raw, rel=1e-5, abs=1e-12)
+    if iteration == 0:
+        assert out.terms["unsup"].item() == 0.0 and torch.equal(out.losses["main"], out.terms["sup"])
+
+
+def test_reference_settings_weigh_pseudo_labels_fully_from_step_0_with_fixed_momenta() -> None:
+    method = _build(rampup_length=0.0, conf_horizon=0.0, ema_horizon=0.0).eval()
+    out = method(*make_probe_batches(seed=3), Progress(50, 1000))
+    assert out.logs["unsup_weight"] == 1.0
+    assert method.conf_momentum(Progress(50, 1000)) == 0.999
+    assert out.logs["ema_decay"] == pytest.approx(1 - 1 / 51)  # warm-up below the fixed 0.99
+    scaled = _build().eval()(*make_probe_batches(seed=3), Progress(50, 1000))
+    assert scaled.logs["ema_decay"] == pytest.approx(0.9)  # time constant 0.01 x 1000 = 10 iterations
+
+
+def test_easy_classes_follow_the_reference_and_the_stuff_classes() -> None:
+    """AEL's ``ignore_cat`` on Cityscapes; CamVid's large stuff classes by analogy; VOC background. Class
+    attributes, so no data is needed. Old code: empty everywhere."""
+    def names(cls: type) -> set[str]:
+        return {cls.class_names[c] for c in cls.easy_classes}
+
+    assert Cityscapes.easy_classes == (0, 1, 2, 8, 10)
+    assert names(Cityscapes) == {"road", "sidewalk", "building", "vegetation", "sky"}
+    assert CamVid.easy_classes == (0, 1, 3, 4, 5)
+    assert names(CamVid) == {"sky", "building", "road", "pavement", "tree"}
+    assert names(PascalVOC) == {"background"}
+    info = dataclasses.replace(probe_info(), num_classes=11, easy_classes=CamVid.easy_classes)
+    assert build_method("ael", _factory, info, {}).paste_candidates == [2, 6, 7, 8, 9, 10]
+
+
+def test_conf_starts_uniform_whatever_the_seed_and_stays_in_unit_interval_and_bank_binary() -> None:
+    """Old code: ``torch.rand`` (two seeds, two banks)."""
     method = _build()
     torch.manual_seed(1)
     other = build_method("ael", _factory, probe_info(), {})
-    assert not torch.equal(method.conf, other.conf)
-    assert ((method.conf >= 0) & (method.conf < 1)).all() and len(method.conf.unique()) == PROBE_CLASSES
+    assert torch.equal(method.conf, other.conf)
+    assert torch.equal(method.conf, torch.full((PROBE_CLASSES,), 1 / PROBE_CLASSES))
     method.train()
     for step in range(4):
         labeled, unlabeled = make_probe_batches(seed=step)
@@ -267,3 +340,7 @@ def test_invalid_settings_fail_with_the_field_name() -> None:
         _build(ema_buffers="mean")
     with pytest.raises(ConfigError, match="num_unlabeled"):
         _build(dataclasses.replace(probe_info(), num_unlabeled=0))
+    with pytest.raises(ConfigError, match="method.rampup_kind"):
+        _build(rampup_kind="step")
+    with pytest.raises(ConfigError, match="method.conf_horizon"):
+        _build(conf_horizon=-0.01)

@@ -7,6 +7,9 @@ import math
 import pytest
 import torch
 
+from raysemi.config import Config
+from raysemi.engine.loop import build_optimizers
+from raysemi.errors import ConfigError
 from raysemi.methods import Progress, build_method
 from raysemi.methods.cps import cps_loss
 from raysemi.models import build_model
@@ -170,3 +173,53 @@ def test_averaged_model_averages_probabilities() -> None:
     with torch.no_grad():
         expected = (method.net1(images).softmax(1) + method.net2(images).softmax(1)) / 2
         assert torch.allclose(method.extra_eval_models()["average"](images).exp(), expected, atol=1e-6)
+
+
+def test_heads_train_at_the_base_lr_by_default() -> None:
+    """Old code: the head group took optim.head_lr_mult (10 by default), where the release runs every group at
+    the base LR."""
+    cfg = Config()
+    assert cfg.optim.head_lr_mult == 10.0
+    optimizers = build_optimizers(_method(), cfg, lr=0.01)
+    assert set(optimizers) == {"net1", "net2"}
+    for opt in optimizers.values():
+        assert len(opt.param_groups) == 2  # backbone and head
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+    tenfold = build_optimizers(_method(head_lr_mult=10.0), cfg, lr=0.01)
+    assert [g["lr"] for g in tenfold["net1"].param_groups] == [0.01, pytest.approx(0.1)]
+
+
+@pytest.mark.parametrize(
+    ("iteration", "ramp"),
+    [(0, 0.0), (5, 0.5 - 0.5 * math.cos(math.pi / 4)), (10, 0.5), (15, 0.5 + 0.5 * math.cos(math.pi / 4)),
+     (20, 1.0), (60, 1.0)],
+)
+def test_cps_weight_ramps_up_over_a_fifth_of_the_run(iteration: int, ramp: float) -> None:
+    """Cosine ramp over 0.2 of 100 iterations: ``1 - (cos(pi t / 20) + 1) / 2``. Old code: 1.5 from step 0."""
+    method = _method().eval()
+    progress = Progress(iteration, 100)
+    assert method.cps_weight(progress) == pytest.approx(1.5 * ramp, abs=1e-12)
+    out = method(*make_probe_batches(), progress)
+    assert out.logs["cps_weight"] == pytest.approx(1.5 * ramp, abs=1e-12)
+    assert out.terms["unsup"].item() == pytest.approx(1.5 * ramp * out.logs["cps_raw"], rel=1e-5, abs=1e-12)
+
+
+def test_first_step_learns_from_labels_only_unless_the_ramp_is_off() -> None:
+    labeled, unlabeled = make_probe_batches()
+    out = _method().eval()(labeled, unlabeled, Progress(0, 2000))
+    assert out.terms["unsup"].item() == 0.0
+    assert torch.equal(out.losses["net1"] + out.losses["net2"], out.terms["sup"])
+    assert 0.0 <= out.logs["disagreement"] <= 1.0 and 0.0 <= out.logs["pseudo_label_acc"] <= 1.0
+    paper = _method(rampup_length=0.0).eval()(labeled, unlabeled, Progress(0, 2000))
+    assert paper.logs["cps_weight"] == 1.5
+    assert paper.terms["unsup"].item() == pytest.approx(1.5 * paper.logs["cps_raw"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"rampup_kind": "step"}, "method.rampup_kind"), ({"rampup_length": -0.1}, "method.rampup_length"),
+     ({"head_lr_mult": 0.0}, "method.head_lr_mult")],
+)
+def test_invalid_settings_name_the_key(overrides: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        _method(**overrides)

@@ -217,13 +217,16 @@ class CamVid(FileSegDataset):
     Sample names are file names (``0001TP_006690.png``), as in the ``splits/`` list files. For the ``train``
     split with split seed 0, protocols ``1/8`` and ``1/4`` resolve to the published ``<root>/splits/1_8`` and
     ``<root>/splits/1_4`` when those folders exist (they follow the same seeded rule as generated splits, so the
-    published files are what seed 0 produces); other seeds generate their own split."""
+    published files are what seed 0 produces); other seeds generate their own split. ``easy_classes`` are the
+    large "stuff" classes sky, building, road, pavement and tree, chosen by analogy with AEL's Cityscapes list
+    (the AEL reference defines none for CamVid)."""
 
     num_classes = 11
     class_names = (
         "sky", "building", "pole", "road", "pavement", "tree",
         "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
     )  # fmt: skip
+    easy_classes = (0, 1, 3, 4, 5)
 
     def __init__(self, split: str, root: Path) -> None:
         super().__init__(split)
@@ -256,6 +259,8 @@ class PascalVOC(FileSegDataset):
     num_classes = 21
     class_names = VOC_CLASSES
     background_class = 0
+    # Pasting another image's background would paste most of it; the AEL reference's list is Cityscapes ids.
+    easy_classes = (0,)
 
     def __init__(self, split: str, root: Path) -> None:
         super().__init__(split)
@@ -330,6 +335,8 @@ class Cityscapes(FileSegDataset):
 
     num_classes = 19
     class_names = CITYSCAPES_CLASSES
+    # AEL reference ``ignore_cat``: road, sidewalk, building, vegetation, sky.
+    easy_classes = (0, 1, 2, 8, 10)
 
     def __init__(self, split: str, root: Path) -> None:
         super().__init__(split)

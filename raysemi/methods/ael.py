@@ -18,28 +18,34 @@ from raysemi.methods.base import (
     register_method,
 )
 from raysemi.methods.components import (
+    RAMPUPS,
     MeanTeacherMethod,
     all_gather_cat,
     all_reduce_mean,
     component_box_mask,
     cross_entropy,
     cutmix_box_masks,
-    ema_decay_at,
     mix,
     ohem_cross_entropy,
     paste_by_class,
     pseudo_label_accuracy,
     pseudo_labels,
+    rampup,
+    run_scaled_decay,
 )
 
 
 @dataclass
 class AELHyper(Hyperparameters):
     consist_weight: float = 1.0
+    rampup_length: float = 0.2
+    rampup_kind: str = "cosine"
     gamma: float = 2.0
     gamma2: float = 1.0
     m_conf: float = 0.999
+    conf_horizon: float = 0.025
     ema_decay: float = 0.99
+    ema_horizon: float = 0.01
     ema_buffers: str = "own"
     acp_classes: int = 3
     paste_prob: float = 0.5
@@ -58,6 +64,11 @@ class AELHyper(Hyperparameters):
             raise ConfigError(f"method.ema_buffers: expected one of ema, copy, own, got {self.ema_buffers!r}")
         if self.acp_classes < 1:
             raise ConfigError(f"method.acp_classes: expected an integer >= 1, got {self.acp_classes}")
+        if self.rampup_kind not in RAMPUPS:
+            raise ConfigError(f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}")
+        for key in ("rampup_length", "conf_horizon", "ema_horizon"):
+            if getattr(self, key) < 0.0:
+                raise ConfigError(f"method.{key}: expected a fraction >= 0, got {getattr(self, key)}")
 
 
 def class_confidence(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,33 +143,37 @@ class AEL(MeanTeacherMethod):
     box of a connected component of c*, teacher logits mixed with the same mask); OHEM on labelled images;
     ``conf`` EMA-updated from the student's labelled probabilities; on labelled and mixed images, CE to the
     teacher's pseudo labels on pixels kept at rate ``sampling_rates(conf)`` of their student argmax, weighted
-    by ``teacher_conf^gamma`` normalised to sum 1; ``L = L_sup + consist_weight * (L_u(labelled) +
-    L_u(mixed))``. The teacher is evaluated (the student is logged as ``student``).
+    by ``teacher_conf^gamma`` normalised to sum 1; ``L = L_sup + w(t) * (L_u(labelled) + L_u(mixed))``,
+    ``w(t) = consist_weight * ramp(t)``. The student is reported, the teacher logged as ``teacher``.
 
-    Fields: consist_weight (lambda), gamma (re-weighting power), gamma2 (sampling sharpness), m_conf (bank
-    momentum), ema_decay, ema_buffers (ema|copy|own), acp_classes (classes drawn per step for copy-paste),
-    paste_prob (chance a labelled sample receives a paste), area_thresh (min component area for the CutMix
-    box), area_thresh2 (min class area for the bank), threshold (pseudo-label confidence, 0 = off), ohem,
-    ohem_thresh, ohem_min_kept_fraction (OHEM min_kept as a fraction of the labelled batch's pixels),
-    conf_skip_absent (leave conf of classes absent from the batch unchanged), weights_count_ignored (ignored
+    Fields (lengths and horizons are fractions of the run, 0 = off / the fixed value): consist_weight (lambda),
+    rampup_length / rampup_kind (its ramp-up), gamma (re-weighting power), gamma2 (sampling sharpness), m_conf /
+    conf_horizon (bank momentum / time constant), ema_decay / ema_horizon (teacher decay / time constant),
+    ema_buffers (ema|copy|own), acp_classes (classes drawn per copy-paste), paste_prob (chance a labelled sample
+    receives a paste), area_thresh (min component area, CutMix box), area_thresh2 (min class area, bank),
+    threshold (pseudo-label confidence), ohem, ohem_thresh, ohem_min_kept_fraction (of the labelled batch's
+    pixels), conf_skip_absent (classes absent from the batch keep their conf), weights_count_ignored (ignored
     pixels count in the weight normalisation, as in the reference), strong_view (mix the strong views).
 
-    Deviations: no auxiliary FCN head (its 0.4-weighted loss needs DeepLabv3+ features). OHEM ``min_kept`` is a
-    fraction of the labelled batch's pixels (0.085 ~ the reference's 100000 of 2 x 769^2), meaningful on small
-    crops. Every unlabelled sample is image 1 of its own mix (the reference mixes one per GPU); image 2 is
-    another sample of the same batch (the reference samples the whole dataset through the bank), drawn after
-    the bank is refreshed from this batch's teacher argmax; no box padding/slimming (both reference configs
-    disable it). The paste partner is the next labelled sample with its usual augmentation (the reference
-    loads a random labelled image rescaled 0.1-2.0). ``conf`` starts uniform at random from the global RNG
-    (DDP broadcasts rank 0's buffers); its per-class batch means are averaged over workers (absent = 0) and
-    ``bank`` rows all-gathered (equal unlabelled batch sizes per worker), where the reference keeps one bank per
-    GPU; ``conf`` is updated inside the step before the losses, as in the reference (the spec lists it after
-    the step). Weights are normalised over pseudo-labelled pixels so they sum to 1 (equal to the reference at
-    threshold 0; ``weights_count_ignored`` restores it otherwise). Padded pixels get no pseudo label and no bank
-    area. Student and teacher run separate forwards on labelled and mixed images (as the reference; separate
-    BN statistics) and the student sees the mixed weak views by default (the reference's CutMix path has no
-    photometric augmentation). Losses are not divided by the world size on top of DDP averaging (the reference
-    does). VOC reference configs use threshold 0.7 and 1 paste class; defaults here follow Cityscapes.
+    Deviations for scratch training and short runs (recipes set ``rampup_length``, ``conf_horizon`` and
+    ``ema_horizon`` to 0, the reference): lambda ramps up (cosine, 0 at step 0, over 0.2 of the run; the reference
+    weighs an untrained teacher's pseudo labels twice the ground truth from step 0); the bank momentum is
+    ``1 - 1 / (conf_horizon x T)`` (0.025: 0.98 at 2,000 iterations, the reference's 0.999 at 40,000), the
+    teacher decay alike. ``conf`` starts at 1/C (reference: ``torch.rand``, 74% of the bank after 300 steps at
+    0.999; not kept). Copy-paste skips the dataset's ``easy_classes``; the reference hard-codes the Cityscapes
+    ids 0, 1, 2, 8, 10 for every dataset (on VOC: background, aeroplane, bicycle, boat, chair; here background).
+    Other deviations: no auxiliary FCN head (its 0.4-weighted loss needs DeepLabv3+ features). OHEM ``min_kept``
+    is a fraction of the labelled batch's pixels (0.085 ~ the reference's 100000 of 2 x 769^2). Every unlabelled
+    sample is image 1 of its own mix (the reference: one per GPU); image 2 is another sample of the batch (the
+    reference: of the dataset, through the bank), drawn after the bank is refreshed from this batch's teacher
+    argmax; no box padding/slimming (both reference configs disable it). The paste partner is the next labelled
+    sample with its usual augmentation (the reference: a random labelled image rescaled 0.1-2.0). Batch means of
+    ``conf`` are averaged over workers (absent = 0), ``bank`` rows all-gathered (equal unlabelled batch sizes;
+    the reference keeps one bank per GPU); ``conf`` is updated in the step before the losses, as the reference.
+    Weights are normalised over pseudo-labelled pixels to sum to 1 (``weights_count_ignored``: the reference's).
+    Padded pixels get no pseudo label and no bank area. The student sees the mixed weak views by default (the
+    reference's CutMix path has no photometric augmentation). Losses are not divided by the world size on top of
+    DDP averaging (the reference does). VOC reference configs: threshold 0.7, 1 paste class; defaults: Cityscapes.
     """
 
     Hyper = AELHyper
@@ -167,7 +182,8 @@ class AEL(MeanTeacherMethod):
         super().__init__(model_factory, info, hparams)
         if info.num_unlabeled < 1:
             raise ConfigError("ael needs DataInfo.num_unlabeled >= 1 to size its unlabelled class bank")
-        self.register_buffer("conf", torch.rand(info.num_classes))
+        # Every class starts equally (and as confident as an untrained net): uniform sampling, nothing dropped.
+        self.register_buffer("conf", torch.full((info.num_classes,), 1.0 / info.num_classes))
         self.register_buffer("bank", torch.zeros(info.num_classes, info.num_unlabeled, dtype=torch.uint8))
         self.paste_candidates = [c for c in range(info.num_classes) if c not in set(info.easy_classes)]
 
@@ -194,16 +210,17 @@ class AEL(MeanTeacherMethod):
             loss_sup = ohem_cross_entropy(logits_l, masks_l, hp.ohem_thresh, min_kept)
         else:
             loss_sup = cross_entropy(logits_l, masks_l)
-        self._update_conf(logits_l.detach().softmax(1), masks_l)
+        self._update_conf(logits_l.detach().softmax(1), masks_l, self.conf_momentum(progress))
         loss_u_l, pl_l, logs_l = self._equalized_loss(logits_l, teacher_l, valid_l)
         loss_u_mix, pl_mix, logs_mix = self._equalized_loss(logits_mix, target_mix, valid_mix)
-        loss_unsup = hp.consist_weight * (loss_u_l + loss_u_mix)
+        weight = self.unsup_weight(progress)
+        loss_unsup = weight * (loss_u_l + loss_u_mix)
         logs = {f"{k}_labeled": v for k, v in logs_l.items()} | logs_mix
         logs["loss_u_labeled"], logs["loss_u_mixed"] = float(loss_u_l.detach()), float(loss_u_mix.detach())
         logs["paste_fraction"] = float(pasted.float().mean())
         logs["conf_min"], logs["conf_max"] = float(self.conf.min()), float(self.conf.max())
         logs["bank_fill"] = float(self.bank.float().mean())
-        logs["ema_decay"] = ema_decay_at(progress.iteration, hp.ema_decay)
+        logs["ema_decay"], logs["unsup_weight"] = self.ema_decay(progress), weight
         truth_u = unlabeled.eval_masks
         truth_mix = None if truth_u is None else mix(truth_u, truth_u[partner], box)
         for key, acc in (
@@ -215,6 +232,14 @@ class AEL(MeanTeacherMethod):
         return StepOutput(
             losses={"main": loss_sup + loss_unsup}, terms={"sup": loss_sup, "unsup": loss_unsup}, logs=logs
         )
+
+    def unsup_weight(self, progress: Progress) -> float:
+        """``consist_weight`` times the ramp-up over ``rampup_length`` of the run (0 at the first step by default)."""
+        return self.hp.consist_weight * rampup(self.hp.rampup_kind, progress.fraction, self.hp.rampup_length)
+
+    def conf_momentum(self, progress: Progress) -> float:
+        """Momentum of ``conf``: time constant ``conf_horizon`` x the run's iterations, or ``m_conf`` at 0."""
+        return run_scaled_decay(progress.total, self.hp.m_conf, self.hp.conf_horizon)
 
     @torch.no_grad()
     def _copy_paste(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,10 +259,9 @@ class AEL(MeanTeacherMethod):
         return images, masks, torch.where(alpha, valid[partner], valid), alpha
 
     @torch.no_grad()
-    def _update_conf(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    def _update_conf(self, probs: torch.Tensor, labels: torch.Tensor, m: float) -> None:
         values, present = class_confidence(probs, labels)
         stats = all_reduce_mean(torch.stack([values, present.to(values.dtype)]))
-        m = self.hp.m_conf
         if self.hp.conf_skip_absent:
             seen = stats[1] > 0
             update = m * self.conf + (1.0 - m) * stats[0] / stats[1].clamp_min(1e-12)
@@ -273,6 +297,4 @@ class AEL(MeanTeacherMethod):
 
 
 def _valid(batch: Batch) -> torch.Tensor:
-    if batch.valid is not None:
-        return batch.valid
-    return torch.ones_like(batch.masks, dtype=torch.bool)
+    return batch.valid if batch.valid is not None else torch.ones_like(batch.masks, dtype=torch.bool)

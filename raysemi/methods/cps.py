@@ -22,17 +22,22 @@ from raysemi.methods.base import (
     register_method,
 )
 from raysemi.methods.components import (
+    RAMPUPS,
     cross_entropy,
     cutmix_box_masks,
     mix_with_next,
     ohem_cross_entropy,
     pseudo_label_accuracy,
+    rampup,
 )
 
 
 @dataclass
 class CPSHyper(Hyperparameters):
     cps_weight: float = 1.5
+    rampup_length: float = 0.2
+    rampup_kind: str = "cosine"
+    head_lr_mult: float = 1.0
     cps_on_labeled: bool = True
     use_cutmix: bool = False
     cutmix_area_min: float = 0.25
@@ -40,9 +45,17 @@ class CPSHyper(Hyperparameters):
     cutmix_n_boxes: int = 3
     ohem: bool = False
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 50000
+    ohem_min_kept_fraction: float = 0.039
 
     def __post_init__(self) -> None:
+        if self.rampup_kind not in RAMPUPS:
+            raise ConfigError(
+                f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}"
+            )
+        if self.rampup_length < 0.0:
+            raise ConfigError(f"method.rampup_length: expected a fraction >= 0, got {self.rampup_length}")
+        if self.head_lr_mult <= 0.0:
+            raise ConfigError(f"method.head_lr_mult: expected > 0, got {self.head_lr_mult}")
         if not 0.0 <= self.cutmix_area_min <= self.cutmix_area_max <= 1.0:
             raise ConfigError(
                 f"method.cutmix_area_min/cutmix_area_max: expected 0 <= min <= max <= 1, "
@@ -89,24 +102,33 @@ class CrossPseudoSupervision(Method):
     ("net1", "net2"). Step: both predict the labelled and the unlabelled images (separate forwards, as in the
     release); ``Y_k = argmax f_k`` (no gradient); ``L_cps = CE(f_1, Y_2) + CE(f_2, Y_1)`` over the unlabelled
     images, concatenated with the labelled ones when ``cps_on_labeled``; ``L_sup = CE(f_1(x_l), y_l) +
-    CE(f_2(x_l), y_l)`` (OHEM optional); ``L = L_sup + cps_weight * L_cps``. No thresholding (faithful).
-    CutMix variant (``use_cutmix``): box masks M (area U(cutmix_area_min, cutmix_area_max), cutmix_n_boxes boxes);
-    without gradient each network predicts the unmixed images, its logits mixed with M give ``Y_k^mix``; both
-    networks predict ``x_mix``; ``L_cps = CE(f_1(x_mix), Y_2^mix) + CE(f_2(x_mix), Y_1^mix)``.
-    Net 1 is evaluated; net 2 and the average of both networks' probabilities are logged.
+    CE(f_2(x_l), y_l)`` (OHEM optional); ``L = L_sup + w(t) * L_cps``, ``w(t) = cps_weight * ramp(t)``. No
+    thresholding (faithful). CutMix variant (``use_cutmix``): box masks M (area U(cutmix_area_min,
+    cutmix_area_max), cutmix_n_boxes boxes); without gradient each network predicts the unmixed images, its logits
+    mixed with M give ``Y_k^mix``; both networks predict ``x_mix``; ``L_cps = CE(f_1(x_mix), Y_2^mix) +
+    CE(f_2(x_mix), Y_1^mix)``. Net 1 is evaluated; net 2 and the average of both networks' probabilities are
+    logged, and so are the nets' disagreement, net 1's pseudo-label accuracy and ``w(t)``.
 
-    Hyperparameters: cps_weight: lambda (1.5 VOC, 6 Cityscapes, 1 VOC + CutMix); cps_on_labeled: also apply CPS to
-    the labelled images (plain variant only); use_cutmix: the CPS + CutMix variant; cutmix_area_min,
-    cutmix_area_max: range of the box area fraction; cutmix_n_boxes: boxes per mask; ohem: OHEM supervised CE
-    (Cityscapes); ohem_thresh, ohem_min_kept: OHEM probability threshold and minimum kept pixels.
+    Hyperparameters: cps_weight: lambda (1.5 VOC, 6 Cityscapes, 1 VOC + CutMix); rampup_length / rampup_kind:
+    ramp-up of lambda over that fraction of the run (0 = the paper's constant lambda); head_lr_mult: LR multiplier
+    of the heads (1 = the release); cps_on_labeled: also apply CPS to the labelled images (plain variant only);
+    use_cutmix: the CPS + CutMix variant; cutmix_area_min, cutmix_area_max: range of the box area fraction;
+    cutmix_n_boxes: boxes per mask; ohem: OHEM supervised CE (Cityscapes); ohem_thresh: OHEM probability
+    threshold; ohem_min_kept_fraction: minimum kept share of the batch's pixels (TorchSemiSeg's 50,000 of 2 x 800 x
+    800 per GPU; an absolute count would exceed a CPU batch and turn OHEM into plain CE).
 
-    Deviations: the CutMix variant of the release draws the two mixed batches from two unlabelled loaders; here
-    sample i of the one unlabelled batch is mixed with sample (i + 1) mod B. As in the release, the CutMix variant
-    applies CPS to the mixed unlabelled images only (``cps_on_labeled`` is not used there). The release
-    initialises only the heads differently (shared pretrained backbone); here the factory decides (two calls, two
-    initialisations of whatever is not loaded from pretrained weights). OHEM ``min_kept`` is per worker (release:
-    50000 x batch / workers). The CPS loss is not all-reduced across workers as in the release (DDP averages the
-    gradients, which is equivalent up to the scale of the logged value).
+    Deviations: lambda ramps up (cosine, 0 at the first step, over 0.2 of the run by default) where the paper uses
+    it constant from the start with ImageNet-pretrained backbones: from scratch (and heads at 10x LR) the two
+    nets agreed on wrong labels within 6 steps (disagreement 0.91 -> 0.20 at 9-23% pseudo-label accuracy); the
+    ramp lets them first learn from the labels. The recipes set ``rampup_length: 0``. ``head_lr_mult`` replaces
+    ``optim.head_lr_mult`` for this method (default 1: the release resets every group to the base LR). The
+    CutMix variant of the release draws the two mixed batches from two unlabelled loaders; here sample i of the
+    one unlabelled batch is mixed with sample (i + 1) mod B. As in the release, the CutMix variant applies CPS to
+    the mixed unlabelled images only (``cps_on_labeled`` is not used there). The release initialises only the
+    heads differently (shared pretrained backbone); here the factory decides (two calls, two initialisations of
+    whatever is not loaded from pretrained weights). OHEM ``min_kept`` is per worker (release: 50000 x batch /
+    workers). The CPS loss is not all-reduced across workers as in the release (DDP averages the gradients,
+    which is equivalent up to the scale of the logged value).
     """
 
     Hyper = CPSHyper
@@ -123,11 +145,21 @@ class CrossPseudoSupervision(Method):
         return {"net2": self.net2, "average": AveragedProbabilities(self.net1, self.net2)}
 
     def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"net1": param_groups(self.net1), "net2": param_groups(self.net2)}
+        return {"net1": self._param_groups(self.net1), "net2": self._param_groups(self.net2)}
+
+    def _param_groups(self, net: nn.Module) -> list[dict[str, Any]]:
+        # The method's own head multiplier replaces optim.head_lr_mult: the release runs every group at the base LR.
+        groups = param_groups(net)
+        return [{**g, "lr_mult": self.hp.head_lr_mult} if g.get("lr_mult") == "head" else g for g in groups]
+
+    def cps_weight(self, progress: Progress) -> float:
+        """``cps_weight`` times the ramp-up over ``rampup_length`` of the run (0 at the first step by default)."""
+        return self.hp.cps_weight * rampup(self.hp.rampup_kind, progress.fraction, self.hp.rampup_length)
 
     def supervised_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         if self.hp.ohem:
-            return ohem_cross_entropy(logits, masks, self.hp.ohem_thresh, self.hp.ohem_min_kept)
+            hp = self.hp
+            return ohem_cross_entropy(logits, masks, hp.ohem_thresh, min_kept_fraction=hp.ohem_min_kept_fraction)
         return cross_entropy(logits, masks)
 
     def forward(self, labeled: Batch, unlabeled: Batch, progress: Progress) -> StepOutput:
@@ -153,11 +185,13 @@ class CrossPseudoSupervision(Method):
             else:
                 pred_1, pred_2 = unlabeled_1, unlabeled_2
             cps_1, cps_2 = cps_loss(pred_1, pred_2)
-        loss_1 = loss_sup_1 + hp.cps_weight * cps_1
-        loss_2 = loss_sup_2 + hp.cps_weight * cps_2
+        weight = self.cps_weight(progress)
+        loss_1 = loss_sup_1 + weight * cps_1
+        loss_2 = loss_sup_2 + weight * cps_2
         labels_1, labels_2 = hard_labels(unlabeled_1), hard_labels(unlabeled_2)
         logs = {
             "disagreement": float((labels_1 != labels_2).float().mean()),
+            "cps_weight": weight,
             "cps_raw": float((cps_1 + cps_2).detach()),
             "sup_net1": float(loss_sup_1.detach()),
             "sup_net2": float(loss_sup_2.detach()),
@@ -167,6 +201,6 @@ class CrossPseudoSupervision(Method):
             logs["pseudo_label_acc"] = accuracy
         return StepOutput(
             losses={"net1": loss_1, "net2": loss_2},
-            terms={"sup": loss_sup_1 + loss_sup_2, "unsup": hp.cps_weight * (cps_1 + cps_2)},
+            terms={"sup": loss_sup_1 + loss_sup_2, "unsup": weight * (cps_1 + cps_2)},
             logs=logs,
         )
