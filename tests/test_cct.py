@@ -1,5 +1,6 @@
-"""CCT: ab-CE schedule and pixel selection, each feature perturbation, the auxiliary decoders, and the rule that
-the unsupervised loss never trains the main decoder."""
+"""CCT: the supervised loss choice, ab-CE schedule and pixel selection, ramp lengths as fractions of the run, each
+feature perturbation, the auxiliary decoders, a dropout-free unlabelled branch, and the rule that the
+unsupervised loss never trains the main decoder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from raysemi.errors import ConfigError
 from raysemi.methods import Progress, build_method
 from raysemi.methods.base import DataInfo
-from raysemi.methods.cct import abce_threshold, annealed_bootstrapped_ce
+from raysemi.methods.cct import CCTHyper, abce_threshold, annealed_bootstrapped_ce
 from raysemi.models import build_model
 from raysemi.models.cct_decoders import (
     PERTURBATIONS,
@@ -38,6 +39,10 @@ def _factory(in_channels: int = 3):
     return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8)
 
 
+def _dropout_factory(in_channels: int = 3):
+    return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8, dropout=0.5)
+
+
 def _cct(info: DataInfo | None = None, **overrides):
     torch.manual_seed(0)
     return build_method("cct", _factory, info or probe_info(), {**ONE_EACH, **overrides})
@@ -51,6 +56,26 @@ def _guide_from_labels(labels: torch.Tensor, background: int | None = 0) -> Main
 def _features(batch: int = 2, channels: int = 4, size: int = 8) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.rand(batch, channels, size, size) + 0.1
+
+
+# ---------------------------------------------------------------------------------------------- supervised loss
+
+
+def test_default_supervised_loss_is_plain_cross_entropy() -> None:
+    # two classes, three pixels: p(true class) = 0.8 and 0.3, one ignored pixel
+    logits = torch.tensor([[[[math.log(0.8), math.log(0.7), 0.0]], [[math.log(0.2), math.log(0.3), 5.0]]]])
+    masks = torch.tensor([[[0, 1, 255]]])
+    info = DataInfo(num_classes=2, background_class=0, crop_size=(32, 32))
+    method = build_method("cct", lambda: build_model("tiny", 2, width=8), info, ONE_EACH)
+    loss, logs = method.supervised_loss(logits, masks, Progress(0, 2000))
+    by_hand = -(math.log(0.8) + math.log(0.3)) / 2
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, masks, ignore_index=255).item())
+    assert logs == {} and CCTHyper().sup_loss == "ce"
+    # ab-CE stays selectable: at t = 0 (eta = 1/2, one pixel kept at least) only the 0.3 pixel is kept
+    abce = build_method("cct", lambda: build_model("tiny", 2, width=8), info, {**ONE_EACH, "sup_loss": "abce"})
+    loss, logs = abce.supervised_loss(logits, masks, Progress(0, 2000))
+    assert loss.item() == pytest.approx(-math.log(0.3), rel=1e-6) and logs["abce_kept"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------- ab-CE
@@ -227,6 +252,9 @@ def test_each_perturbation_keeps_the_shape_and_changes_the_features(kind: str) -
 
 def test_aux_decoder_stages_follow_the_feature_stride() -> None:
     assert upsampling_stages(_factory(), (32, 32)) == 2  # tiny: stride 4
+    # crops the stride does not divide: 90 / ceil(90 / 4) = 3.9 for tiny, 90 / ceil(90 / 16) = 15 for LR-ASPP
+    assert upsampling_stages(_factory(), (90, 120)) == 2
+    assert upsampling_stages(build_model("lraspp_mobilenet_v3", PROBE_CLASSES), (90, 120)) == 4
     method = _cct()
     assert len(method.aux_decoders) == len(PERTURBATIONS)
     assert [d.kind for d in method.aux_decoders] == list(PERTURBATIONS)
@@ -282,9 +310,36 @@ def test_weight_zero_gives_zero_unsup_and_the_supervised_baseline_loss() -> None
     assert torch.equal(out.losses["main"], expected)
 
 
+def test_unlabelled_branch_ignores_the_model_dropout() -> None:
+    # context masking is the only decoder and it is deterministic, so L_u varies only if z or q do
+    counts = {kind: 0 for kind in PERTURBATIONS} | {"context_mask": 1}
+    torch.manual_seed(0)
+    method = build_method("cct", _dropout_factory, probe_info(), counts)
+    method.train()
+    labeled, unlabeled = make_probe_batches(seed=3)
+    values = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        values.append(method(labeled, unlabeled, Progress(10, 20)).terms["unsup"].detach())
+    assert values[0] > 0 and torch.equal(values[0], values[1])
+    assert all(m.training for m in method.net.modules())
+
+
+def test_ramp_defaults_are_fractions_of_the_run() -> None:
+    hp = CCTHyper()
+    assert (hp.cons_weight, hp.rampup_length, hp.rampup_kind, hp.abce_rampup) == (30.0, 0.1, "sigmoid", 0.4)
+    method = _cct(sup_loss="abce")
+    labeled, unlabeled = make_probe_batches(seed=2)
+    for total in (2000, 40000):
+        half_way = method(labeled, unlabeled, Progress(total // 20, total)).logs  # 0.05 T: half of the ramp
+        assert half_way["ramp"] == pytest.approx(math.exp(-5 * 0.5**2))
+        assert half_way["abce_threshold"] == pytest.approx(abce_threshold(0.05, PROBE_CLASSES))
+        assert method(labeled, unlabeled, Progress(total // 10, total)).logs["ramp"] == 1.0
+
+
 def test_abce_logs_the_annealed_threshold() -> None:
     labeled, unlabeled = make_probe_batches(seed=2)
-    out = _cct()(labeled, unlabeled, Progress(0, 20))
+    out = _cct(sup_loss="abce")(labeled, unlabeled, Progress(0, 20))
     assert out.logs["abce_threshold"] == pytest.approx(1 / PROBE_CLASSES)
     assert 0.0 < out.logs["abce_kept"] <= 1.0
 

@@ -1,5 +1,6 @@
-"""GCT (gcl): flaw-map handling, dynamic-consistency targets, pipeline C, the flaw detector, and the separation of
-the task-model and detector updates that lets the loop back-propagate their summed losses once."""
+"""GCT (gcl): flaw-map handling, dynamic-consistency targets, pipeline C, the flaw detector and its crop-dependent
+stride, targets drawn without dropout, and the separation of the task-model and detector updates that lets the
+loop back-propagate their summed losses once."""
 
 from __future__ import annotations
 
@@ -11,29 +12,50 @@ import torch.nn.functional as F
 
 from raysemi.errors import ConfigError
 from raysemi.methods import Progress, build_method
+from raysemi.methods.base import DataInfo
 from raysemi.methods.components import cross_entropy
 from raysemi.methods.gcl import (
     GCLHyper,
     detector_targets,
+    dropout_off,
     dynamic_consistency_targets,
     frozen,
     handle_flaw_map,
 )
 from raysemi.models import build_model
-from raysemi.models.flaw_detector import FlawDetector, IBNorm, dilate, gaussian_blur, odd_kernel_size
+from raysemi.models.flaw_detector import (
+    FlawDetector,
+    IBNorm,
+    auto_stride,
+    dilate,
+    gaussian_blur,
+    grid_size,
+    layer_strides,
+    odd_kernel_size,
+)
 from tests.conftest import PROBE_CLASSES, make_probe_batches, probe_info
 
 
-def _build(**overrides) -> torch.nn.Module:
+def _build(info: DataInfo | None = None, dropout: float = 0.1, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
 
     def factory(in_channels: int = 3) -> torch.nn.Module:
-        return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8)
+        return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8, dropout=dropout)
 
     values = {"xi": 0.0, "detector_width": 0.125, **overrides}
-    method = build_method("gcl", factory, probe_info(), values)
+    method = build_method("gcl", factory, info or probe_info(), values)
     method.train()
     return method
+
+
+def _crop_info(crop: tuple[int, int]) -> DataInfo:
+    return DataInfo(num_classes=PROBE_CLASSES, background_class=0, crop_size=crop)
+
+
+def _coarse_grid(method, crop: tuple[int, int]) -> tuple[int, ...]:
+    images, probs = torch.zeros(2, 3, *crop), torch.full((2, PROBE_CLASSES, *crop), 1.0 / PROBE_CLASSES)
+    with torch.no_grad():
+        return tuple(method.detector.coarse(images, probs).shape[-2:])
 
 
 def _step(method, **progress):
@@ -185,15 +207,96 @@ def test_detector_has_the_paper_layers_and_ibnorm() -> None:
 
 def test_detector_output_is_a_raw_map_at_input_size() -> None:
     torch.manual_seed(0)
-    detector = FlawDetector(7, width=0.125)
-    out = detector(torch.randn(2, 3, 32, 40), torch.rand(2, 4, 32, 40).softmax(dim=1))
-    assert out.shape == (2, 1, 32, 40)
-    assert out.std() > 0  # small inputs are upsampled first, so the map is not one value per image
+    for detector in (FlawDetector(7, width=0.125, stride=auto_stride((32, 40))), FlawDetector(7, 0.125, min_input=64)):
+        out = detector(torch.randn(2, 3, 32, 40), torch.rand(2, 4, 32, 40).softmax(dim=1))
+        assert out.shape == (2, 1, 32, 40)
+        assert out.std() > 0  # a grid of several flaw values, not one value per image
+    with pytest.raises(ValueError, match="too small"):
+        FlawDetector(7, width=0.125)(torch.randn(1, 3, 32, 40), torch.rand(1, 4, 32, 40))
     with pytest.raises(ValueError, match="min_input"):
-        FlawDetector(7, min_input=32)
+        FlawDetector(7, min_input=-1)
+    with pytest.raises(ValueError, match="stride"):
+        FlawDetector(7, stride=3)
+
+
+def test_smaller_strides_drop_the_last_downsamplings() -> None:
+    assert layer_strides(32) == (2, 2, 1, 2, 1, 2, 1, 2)
+    assert layer_strides(16) == (2, 2, 1, 2, 1, 2, 1, 1)
+    assert layer_strides(4) == (2, 2, 1, 1, 1, 1, 1, 1)
+    convs = [m for m in FlawDetector(7, width=0.125, stride=8).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 1, 2, 1, 1, 1, 1]
+    # 4x4 convs with padding 1: n -> n // 2 at stride 2, n -> n - 1 at stride 1
+    assert grid_size((321, 321), 32) == (9, 9) and grid_size((513, 513), 32) == (15, 15)
+
+
+def test_default_detector_grid_at_a_90x120_crop() -> None:
+    # auto: stride 32 gives 1x2 and stride 8 gives 6x10 (< 9 cells), so stride 4:
+    # 90 -> 45 -> 22 -> 21 -> 20 -> 19 -> 18 -> 17 -> 16 and 120 -> 60 -> 30 -> 29 -> 28 -> 27 -> 26 -> 25 -> 24
+    method = _build(_crop_info((90, 120)))
+    assert method.detector.stride == 4
+    assert _coarse_grid(method, (90, 120)) == (16, 24)
+
+
+def test_paper_architecture_stays_selectable() -> None:
+    paper = _build(_crop_info((90, 120)), detector_stride=32)
+    assert paper.detector.stride == 32 and _coarse_grid(paper, (90, 120)) == (1, 2)
+    # the previous default: paper strides on the input upsampled to a 128 shorter side (128x171 -> 3x4)
+    previous = _build(_crop_info((90, 120)), detector_stride=32, detector_min_input=128)
+    assert _coarse_grid(previous, (90, 120)) == (3, 4)
+    # at the paper's crops the automatic stride is the paper's
+    assert auto_stride((321, 321)) == auto_stride((513, 513)) == auto_stride((769, 769)) == 32
+    with pytest.raises(ConfigError, match="method.detector_stride"):
+        _build(_crop_info((32, 32)), detector_stride=32)
 
 
 # ------------------------------------------------------------------------------------ the training step
+
+
+def test_dropout_off_leaves_batchnorm_in_train_mode() -> None:
+    torch.manual_seed(0)
+    net = build_model("tiny", PROBE_CLASSES, width=8, dropout=0.5).train()
+    images = torch.randn(4, 3, 16, 16)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = norms[0].running_mean.clone()
+    with dropout_off(net):
+        assert all(m.training for m in norms)
+        assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.Dropout2d))
+        torch.manual_seed(1)
+        first = net(images)
+        torch.manual_seed(2)
+        second = net(images)
+    assert torch.equal(first, second)
+    assert not torch.equal(norms[0].running_mean, before)  # running statistics still update
+    assert all(m.training for m in net.modules())
+    with torch.no_grad():
+        eval_out = net.eval()(images)
+    assert not torch.allclose(first, eval_out)  # batch statistics, not running ones
+
+
+def test_target_predictions_do_not_depend_on_dropout_draws() -> None:
+    method = _build(dropout=0.5)
+    labeled, unlabeled = make_probe_batches(seed=3)
+    images = torch.cat([labeled.images, unlabeled.images])
+    torch.manual_seed(1)
+    first = method.target_predictions(images)
+    torch.manual_seed(2)
+    second = method.target_predictions(images)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], first[1])  # two differently initialised task models
+    assert all(m.training for m in method.modules())
+
+
+def test_step_targets_do_not_depend_on_dropout_draws() -> None:
+    # L_F, the handled flaw maps and S are built from step 0 only, so with dropout off there they are the same
+    # for any RNG state (the trained forwards of step 1 still draw dropout)
+    method = _build(dropout=0.5)
+    labeled, unlabeled = make_probe_batches(seed=3)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out = method(labeled, unlabeled, Progress(10, 20))
+        runs.append((float(out.terms["detector"].detach()), out.logs["flaw_mean"], out.logs["fc_mask_ratio"]))
+    assert runs[0] == runs[1]
 
 
 def test_task_and_detector_losses_give_disjoint_gradients() -> None:
@@ -263,7 +366,8 @@ def test_optimizer_groups_and_evaluated_networks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("dilation_size", 4), ("detector_min_input", 32), ("nu", -1), ("detector_width", 0.0)]
+    ("field", "value"),
+    [("dilation_size", 4), ("detector_min_input", -1), ("detector_stride", 3), ("nu", -1), ("detector_width", 0.0)],
 )
 def test_invalid_hyperparameters_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"method.{field}"):

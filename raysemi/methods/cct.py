@@ -26,6 +26,7 @@ from raysemi.methods.base import (
 from raysemi.methods.components import (
     RAMPUPS,
     cross_entropy,
+    dropout_off,
     mse_prob,
     pseudo_label_accuracy,
     rampup,
@@ -49,7 +50,7 @@ class CCTHyper(Hyperparameters):
     cons_weight: float = 30.0
     rampup_length: float = 0.1
     rampup_kind: str = "sigmoid"
-    sup_loss: str = "abce"
+    sup_loss: str = "ce"
     abce_rampup: float = 0.4
     abce_min_kept: int = 1
     vat: int = 2
@@ -137,18 +138,19 @@ class CrossConsistency(Method):
     """Cross-Consistency Training (Ouali et al., "Semi-Supervised Semantic Segmentation with Cross-Consistency
     Training", CVPR 2020; method spec section 6).
 
-    Step: ``L_s`` = CE or ab-CE of the segmentation model on the labelled batch; ``z = h(x_u)`` (the model's
-    ``encode``, key ``out``); ``q = sg(softmax(g(z)))`` (the model's ``decode``, computed without gradient);
+    Step: ``L_s`` = CE (default) or ab-CE of the segmentation model on the labelled batch; ``z = h(x_u)`` (the
+    model's ``encode``, key ``out``); ``q = sg(softmax(g(z)))`` (the model's ``decode``, computed without gradient);
     ``L_u = (1/K) sum_k MSE_prob(g_a^k(perturb_k(z)), q)`` over K auxiliary decoders; ``L = L_s + w_u(t) L_u``
     with ``w_u = cons_weight * sigmoid_rampup(t, rampup_length T)``. ``L_u`` trains the encoder and the auxiliary
     decoders, never the main decoder. Evaluated network: the segmentation model (h + g); the auxiliary decoders
     are training-only, in the "main" optimizer group at the head LR multiplier. As in the reference, the
     unlabelled images are the weak view and labelled and unlabelled batches go through the encoder separately.
 
-    Hyperparameters: cons_weight: final w_u (30); rampup_length / rampup_kind: w_u ramp-up (fraction of T, kind);
-    sup_loss: 'abce' (paper) or 'ce' (official config); abce_rampup: fraction of T over which eta anneals;
-    abce_min_kept: pixels kept per labelled image at least; vat / drop / cutout / context_mask / object_mask /
-    feature_drop / feature_noise: decoders per perturbation (official 2/6/6/2/2/6/6; set 1 each on a CPU);
+    Hyperparameters: cons_weight: final w_u (30); rampup_length / rampup_kind: w_u ramp-up (fraction of T, kind;
+    0.1, sigmoid); sup_loss: 'ce' (official config, default) or 'abce' (the paper's text); abce_rampup: fraction
+    of T over which eta anneals (0.4); abce_min_kept: pixels kept per labelled image at least; vat / drop / cutout
+    / context_mask / object_mask / feature_drop / feature_noise: decoders per perturbation (official
+    2/6/6/2/2/6/6; set 1 each on a CPU);
     uniform_range: F-Noise range; drop_rate: DropOut p; feature_drop_gamma: F-Drop gamma range; cutout_erase:
     guided-cutout sub-box fraction; cutout_min_points: contour points an object needs to be cut; vat_xi, vat_eps:
     I-VAT; background_fallback: with no dataset background class, 'most_frequent' (each image's most frequent
@@ -156,13 +158,20 @@ class CrossConsistency(Method):
 
     Deviations from the paper / reference code:
     - Main decoder g is the segmentation model's own decoder (bilinear upsampling), not the paper's pixel-shuffle
-      decoder; the auxiliary decoders are the paper's (1x1 conv to C, ICNR pixel-shuffle x2 stages, ``floor(log2
+      decoder; the auxiliary decoders are the paper's (1x1 conv to C, ICNR pixel-shuffle x2 stages, ``round(log2
       (stride))`` of them, measured from the model once at construction); their output is bilinearly resized to
       the image when the stride is not a power of two or the image not divisible by it. They read only
       ``features['out']``: low-level features used by g (DeepLabV3+) are not perturbed.
-    - sup_loss default 'abce' follows the paper; the official config (used by public reproductions) trains with
-      plain CE. ab-CE's log ramp reaches exactly 1 at 0.4 T (reference: 1 - e^-5), so eta ends at 0.9 as the
-      paper says.
+    - sup_loss: the paper's text trains the main decoder with ab-CE, the official config (``sup_loss: CE``, used
+      by public reproductions) with plain CE; the default is plain CE, so that cct differs from the supervised
+      baseline by the consistency term only (with ab-CE a cct-vs-supervised gap mixes the two: in one measurement
+      ab-CE alone gave +1.0 mIoU and the consistency term -1.4). The paper recipes set 'abce'. ab-CE's log ramp
+      reaches exactly 1 at 0.4 T (reference: 1 - e^-5), so eta ends at 0.9 as the paper says.
+    - The unlabelled branch (``h(x_u)`` and ``q``) runs with the segmentation model's own dropout off (BatchNorm
+      unchanged, in train mode): the reference's encoder and main decoder have no dropout, so its ``z`` and
+      ``q`` are deterministic and the perturbations are the auxiliary decoders' alone; ours may have dropout
+      (tiny: Dropout2d in the decoder; DeepLabV3+: dropout 0.5 at the end of ASPP, i.e. on ``z``). The labelled
+      forward keeps it.
     - F-Drop gamma ~ U(0.7, 0.9) as in the paper (reference code: U(0.6, 0.9)).
     - Guided cutout: objects are 8-connected components of the hole-filled foreground (scipy instead of OpenCV
       external contours; same boxes), and the "more than 50 contour points" filter counts border pixels instead
@@ -173,7 +182,13 @@ class CrossConsistency(Method):
     - I-VAT's power-iteration step runs in float64 (on detached weight copies): with the official xi 1e-6 the
       probe ``xi d`` is below float32 resolution, so the reference's float32 gradient is rounding noise and its
       ``/ (norm + 1e-8)`` guard shrinks r_adv to ~1e-3 eps. Here r_adv has norm eps along the true direction.
-    - Ramp lengths are fractions of the total iterations (reference: epochs x iterations per epoch).
+    - Ramp lengths are fractions of the total iterations (reference: epochs x iterations per epoch), so
+      ``rampup_length`` 0.1 is the reference's ``ramp_up`` 0.1 at any run length.
+    - At small crops the encoder output is coarse (lraspp_mobilenet_v3, stride 16: 6x8 at 90x120; tiny, stride
+      4: 23x30), where the guided masks and cutout boxes, found at the image resolution and resized (nearest) to
+      the features as in the reference, cut whole cells or nothing; I-VAT's eps is the reference's L2 norm over
+      the whole feature tensor, so per entry it is larger on smaller feature maps (about 4x at 6x8x960 than at
+      the paper's 40x40x512).
     - Off, as in the official config, and not implemented: confidence masking of L_u, the pair-wise variance loss
       between auxiliary outputs, weak image-level labels.
     """
@@ -228,9 +243,10 @@ class CrossConsistency(Method):
         hp = self.hp
         loss_sup, logs = self.supervised_loss(self.net(labeled.images), labeled.masks, progress)
 
-        features = self.net.encode(unlabeled.images)
-        with torch.no_grad():
-            main_logits = self.net.decode(features, (unlabeled.images.shape[-2], unlabeled.images.shape[-1]))
+        with dropout_off(self.net):
+            features = self.net.encode(unlabeled.images)
+            with torch.no_grad():
+                main_logits = self.net.decode(features, (unlabeled.images.shape[-2], unlabeled.images.shape[-1]))
         target = main_logits.softmax(dim=1)
         guide = MainPrediction(main_logits, self.info.background_class)
         loss_cons, mse_logs = self.consistency_loss(features["out"], target, guide)

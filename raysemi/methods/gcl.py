@@ -3,8 +3,6 @@ Learning", ECCV 2020), after the authors' PixelSSL ``ssl_gct.py``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +22,30 @@ from raysemi.methods.base import (
     param_groups,
     register_method,
 )
-from raysemi.methods.components import cross_entropy, mse_prob, pseudo_label_accuracy, pseudo_labels, rampup
+from raysemi.methods.components import (
+    cross_entropy,
+    dropout_off,
+    frozen,
+    mse_prob,
+    pseudo_label_accuracy,
+    pseudo_labels,
+    rampup,
+)
 from raysemi.models.flaw_detector import (
-    SMALLEST_INPUT,
+    DETECTOR_STRIDES,
     FlawDetector,
+    auto_stride,
+    detector_input_size,
     dilate,
     gaussian_blur,
+    grid_size,
     normalise_per_sample,
     odd_kernel_size,
 )
 
 #: A handled flaw map whose blurred peak is at most this is treated as "no flaw anywhere" (reference constant).
 FLAW_PEAK_FLOOR = 0.1
+#: Module types that drop activations at random in train mode.
 
 
 @dataclass
@@ -53,7 +63,8 @@ class GCLHyper(Hyperparameters):
     target_reblur_divisor: float = 4.0
     dilation_size: int = 3
     detector_width: float = 1.0
-    detector_min_input: int = 128
+    detector_stride: int = 0
+    detector_min_input: int = 0
 
     def __post_init__(self) -> None:
         positive = ("fd_lr", "flaw_blur_divisor", "target_blur_divisor", "target_reblur_divisor", "detector_width")
@@ -64,8 +75,11 @@ class GCLHyper(Hyperparameters):
             raise ConfigError(f"method.nu: expected an integer >= 0, got {self.nu}")
         if self.dilation_size < 1 or self.dilation_size % 2 == 0:
             raise ConfigError(f"method.dilation_size: expected an odd integer >= 1, got {self.dilation_size}")
-        if self.detector_min_input < SMALLEST_INPUT:
-            raise ConfigError(f"method.detector_min_input: expected >= {SMALLEST_INPUT}, got {self.detector_min_input}")
+        if self.detector_stride not in (0, *DETECTOR_STRIDES):
+            valid = ", ".join(map(str, DETECTOR_STRIDES))
+            raise ConfigError(f"method.detector_stride: expected 0 (auto) or one of {valid}, got {self.detector_stride}")
+        if self.detector_min_input < 0:
+            raise ConfigError(f"method.detector_min_input: expected 0 (off) or a size > 0, got {self.detector_min_input}")
 
 
 def handle_flaw_map(flaw_map: torch.Tensor, blur_size: int) -> torch.Tensor:
@@ -107,28 +121,14 @@ def detector_targets(
     return normalise_per_sample(diff)
 
 
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters of ``module`` take no gradient inside the block (gradient still flows through it to its
-    inputs); their previous ``requires_grad`` flags come back afterwards, also on error."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
 @register_method("gcl")
 class GuidedCollaborativeTraining(Method):
     """Guided Collaborative Training (method spec section 5; Ke et al., ECCV 2020; reference: PixelSSL).
 
     Two task models T1, T2 (two ``model_factory()`` calls) and a flaw detector F that regresses, per pixel, how
     wrong a prediction is. One step, on X = labelled + unlabelled weak views:
-    0. no grad: ``P_k = softmax(T_k(X))``; with grad on F: ``M_k = F(X, P_k)``; handled maps ``N_k``; DC targets
+    0. no grad, the task models' dropout off (``dropout_off``; BatchNorm in train mode, as in the reference):
+       ``P_k = softmax(T_k(X))``; with grad on F: ``M_k = F(X, P_k)``; handled maps ``N_k``; DC targets
        ``G_k`` (T_k keeps ``P_k`` where its saturated flaw map ``N'_k`` is not above the other's, else copies
        ``P_other``) and ``S = 1[N_1 > xi] * 1[N_2 > xi]``.
     1. task models, F frozen (``requires_grad_(False)``, restored after): fresh forwards,
@@ -158,16 +158,27 @@ class GuidedCollaborativeTraining(Method):
         (16: flaw-map handler; 8 and 4: pipeline C); crop = the shorter side of the training crop.
     dilation_size: side of pipeline C's max-filter dilation (3).
     detector_width: channel multiplier of F (1.0 = paper; smaller for CPU runs).
-    detector_min_input: F's input is upsampled to this shorter side first (see FlawDetector; 128).
+    detector_stride: output stride of F: 32 = the paper's architecture; 0 (default) = chosen from the crop
+        (``auto_stride``: the coarsest stride whose flaw grid keeps at least the 9 cells per side of the paper's
+        321 crop; 32 from a 320 crop on, 4 at 90x120, i.e. a 16x24 grid instead of the paper's 1x2).
+    detector_min_input: 0 (default, off) or a shorter side to which F's input is upsampled first (the earlier
+        remedy for small crops; stride 32 with 128 gives a 3x4 grid at 90x120).
 
     Deviations: (1) the handler zeroes a map whose blurred peak is <= 0.1 before taking the min-max statistics,
     so such a map is all zeros, as the paper intends (the reference takes min/max before zeroing, which turns a
     weak but positive map into a constant negative one); it also works on a detached copy (the reference clips
-    ``.data`` in place). (2) Inputs shorter than ``detector_min_input`` are upsampled before F (no effect at the
-    paper's 321/513 crops; F has output stride 32, so small CPU crops would give constant maps). (3) F's
-    BatchNorm half is plain BatchNorm (the reference uses synchronised BN; converting is the distributed layer's
-    choice). (4) Ramp-up length as a fraction of iterations instead of epochs. (5) The detector width multiplier
-    and min input are additions (defaults: paper architecture).
+    ``.data`` in place). (2) F's output stride follows the crop by default: the paper's stride 32 leaves a
+    90x120 crop 1x2 flaw values for the whole image, so small crops turn F's last
+    stride-2 convolutions into stride-1 ones (same layers and weights; more compute). At the paper's 321/513
+    crops the default is the paper's stride 32; ``detector_stride=32`` forces it everywhere. (3) Step 0 runs the
+    task models with dropout off: PixelSSL's DeepLabv2 and PSPNet have no dropout, so its P_k are deterministic
+    given the weights; ours may have some (tiny: Dropout2d before the classifier; DeepLabV3+: dropout 0.5 in
+    ASPP; lraspp_mobilenet_v3: none), and with it every target (M_k, G_k, S, D_k) would be one random dropout
+    draw. BatchNorm keeps train mode there (batch statistics, running-stat updates), as in the reference; the
+    trained forwards of step 1 keep dropout on. (4) F's BatchNorm half is plain BatchNorm (the reference uses
+    synchronised BN; converting is the distributed layer's choice). (5) Ramp-up length as a fraction of
+    iterations instead of epochs. (6) The detector width multiplier and min input are additions (defaults:
+    the paper's width, no upsampling).
     """
 
     Hyper = GCLHyper
@@ -177,7 +188,16 @@ class GuidedCollaborativeTraining(Method):
         super().__init__(model_factory, info, hparams)
         self.net1 = model_factory()
         self.net2 = model_factory()
-        self.detector = FlawDetector(3 + info.num_classes, hparams.detector_width, hparams.detector_min_input)
+        detector_input = detector_input_size(info.crop_size, hparams.detector_min_input)
+        stride = hparams.detector_stride or auto_stride(detector_input)
+        if min(grid_size(detector_input, stride)) < 1:
+            raise ConfigError(
+                f"method.detector_stride: a flaw detector of stride {stride} leaves no flaw value for a "
+                f"{info.crop_size} crop; choose a smaller stride (0 picks one from the crop) or a larger crop"
+            )
+        self.detector = FlawDetector(
+            3 + info.num_classes, hparams.detector_width, stride, hparams.detector_min_input
+        )
         crop = min(info.crop_size)
         self.flaw_blur_size = odd_kernel_size(crop, hparams.flaw_blur_divisor)
         self.target_blur_size = odd_kernel_size(crop, hparams.target_blur_divisor)
@@ -199,6 +219,16 @@ class GuidedCollaborativeTraining(Method):
         }
         return {"task1": param_groups(self.net1), "task2": param_groups(self.net2), "detector": [detector]}
 
+    @torch.no_grad()
+    def target_predictions(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 0's ``P_1, P_2``: softmax predictions of both task models with their dropout off (BatchNorm as
+        the models are set), without gradient: every target of the step is built from them."""
+        probs = []
+        for net in (self.net1, self.net2):
+            with dropout_off(net):
+                probs.append(net(images).softmax(dim=1))
+        return probs[0], probs[1]
+
     def flaw_targets(self, probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Pipeline C with this run's kernel sizes."""
         hp = self.hp
@@ -212,8 +242,7 @@ class GuidedCollaborativeTraining(Method):
         images = torch.cat([labeled.images, unlabeled.images])
         nets = (self.net1, self.net2)
 
-        with torch.no_grad():
-            probs = tuple(net(images).softmax(dim=1) for net in nets)
+        probs = self.target_predictions(images)
         flaw_maps = [self.detector(images, p) for p in probs]
         with torch.no_grad():
             flaws = tuple(handle_flaw_map(m, self.flaw_blur_size) for m in flaw_maps)

@@ -65,8 +65,11 @@ class AuxDecoder(nn.Sequential):
 
 @torch.no_grad()
 def upsampling_stages(model: nn.Module, crop_size: tuple[int, int], in_channels: int = 3) -> int:
-    """Number of x2 stages that bring ``model.encode(x)['out']`` back to the input size: ``floor(log2(stride))``
-    (stride 8 -> 3 as in the paper). Measured with one eval-mode forward of a blank crop."""
+    """Number of x2 stages that bring ``model.encode(x)['out']`` back to the input size: ``round(log2(stride))``
+    (stride 8 -> 3 as in the paper), the stride measured with one eval-mode forward of a blank crop as crop height
+    over feature height. Rounded, not floored: a crop the stride does not divide has ``ceil(H / stride)`` feature
+    rows, so the measured ratio is below the true stride (90 / 6 = 15 at stride 16, 90 / 23 = 3.9 at stride 4),
+    and the floor would drop a stage."""
     was_training = model.training
     model.eval()
     try:
@@ -74,7 +77,7 @@ def upsampling_stages(model: nn.Module, crop_size: tuple[int, int], in_channels:
     finally:
         model.train(was_training)
     stride = crop_size[0] / features.shape[-2]
-    return max(0, math.floor(math.log2(stride) + 1e-6))
+    return max(0, round(math.log2(stride)))
 
 
 @dataclass(frozen=True)
