@@ -28,7 +28,8 @@ class DataConfig:
     one to choose hyperparameters and checkpoints on); val_limit: evaluate at most this many images (0 = all);
     test_split: split evaluated once, after the last iteration, and only reported (``test/miou``): never used to
     choose anything (None = no test evaluation). cache: decode and resize each image once and keep it in memory
-    (same values as without; turn off for datasets that do not fit in RAM). synthetic_*: size and counts of the generated dataset."""
+    (same values as without; turn off for datasets that do not fit in RAM). strong_aug: the photometric noise of
+    the strong view, ``mild`` | ``strong`` (``data.transforms.STRONG_AUGS``). synthetic_*: size and counts of the generated dataset."""
 
     dataset: str = "synthetic"
     root: str | None = None
@@ -45,6 +46,7 @@ class DataConfig:
     val_limit: int = 0
     test_split: str | None = None
     cache: bool = True
+    strong_aug: str = "mild"
     synthetic_size: tuple[int, int] = (64, 64)
     synthetic_train: int = 400
     synthetic_val: int = 64
@@ -55,6 +57,8 @@ class DataConfig:
         for key in ("batch_size",):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.strong_aug not in ("mild", "strong"):
+            raise ConfigError(f"data.strong_aug: expected mild or strong, got {self.strong_aug!r}")
         if self.resolution_scale <= 0:
             raise ConfigError(f"data.resolution_scale: must be > 0, got {self.resolution_scale}")
 

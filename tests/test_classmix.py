@@ -92,7 +92,7 @@ def test_identity_teacher_on_one_hot_images(consistency_loss: str, strong_aug_mi
 @pytest.mark.parametrize(("threshold", "expected"), [(0.7, CE_K2), (0.8, 0.0)])
 def test_threshold_uniform_weight_on_a_uniformly_confident_batch(threshold: float, expected: float) -> None:
     torch.manual_seed(0)
-    method = _identity_method(conf_threshold=threshold, cons_weight=3.0)
+    method = _identity_method(conf_threshold=threshold, cons_weight=3.0, pixel_weight="threshold_uniform")
     out = method(*_one_hot_batches(), PROGRESS)
     assert out.logs["conf_fraction"] == (1.0 if threshold < CONF_K2 else 0.0)
     assert float(out.terms["unsup"]) == pytest.approx(3.0 * expected, abs=1e-6)
@@ -141,7 +141,7 @@ def test_teacher_gets_no_gradient_and_zero_weight_gives_the_supervised_loss() ->
 
 def test_ema_uses_the_warm_up_decay_on_parameters_only() -> None:
     torch.manual_seed(0)
-    method = build_method("classmix", _tiny_factory, probe_info(), {})
+    method = build_method("classmix", _tiny_factory, probe_info(), {"ema_horizon": 0.0})
     with torch.no_grad():
         for p in method.net.parameters():
             p.add_(1.0)

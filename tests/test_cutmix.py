@@ -164,7 +164,7 @@ def test_zero_weight_gives_the_supervised_loss() -> None:
 @pytest.mark.parametrize(("warmup", "expected_decay"), [(False, 0.99), (True, 0.0)])
 def test_ema_after_step(warmup: bool, expected_decay: float) -> None:
     torch.manual_seed(0)
-    method = build_method("cutmix", _tiny_factory, probe_info(), {"ema_warmup": warmup})
+    method = build_method("cutmix", _tiny_factory, probe_info(), {"ema_warmup": warmup, "ema_horizon": 0.0})
     with torch.no_grad():
         for p in method.net.parameters():
             p.add_(1.0)

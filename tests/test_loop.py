@@ -82,3 +82,30 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         fit(small_config(tmp_path / "empty"), resume=True)
     assert good.exists() and load_state(good)["iteration"] == 3
+
+
+def test_final_evaluation_scores_every_net_on_val_and_once_on_test(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path / "run", method="mt", iters=4, eval_every=2)
+    cfg.data.test_split = "test"
+    summary = fit(cfg)
+    assert summary["reported_net"] == "student" and summary["test_split"] == "test"
+    assert 0.0 <= summary["test_miou"] <= 1.0 and 0.0 <= summary["test_miou_teacher"] <= 1.0
+    assert set(summary["test_per_class_iou"]) == set(summary["per_class_iou"])
+    assert [e["iteration"] for e in summary["eval_history"]] == [2, 4]
+    assert all("val/miou_teacher" in e for e in summary["eval_history"])
+    assert summary["eval_history"][-1]["val/miou"] == summary["val_miou"]
+    without = fit(small_config(tmp_path / "plain", method="mt", iters=4))
+    assert without["test_miou"] is None if "test_miou" in without else True
+    assert without["val_miou"] == summary["val_miou"]  # the test pass changes nothing the run chooses on
+
+
+def test_cached_samples_equal_decoded_ones(tmp_path: Path) -> None:
+    from raysemi.data.datasets import build_dataset
+    from raysemi.data.loaders import ResizedSamples
+
+    dataset = build_dataset("synthetic", "train", None, size=(32, 32), count=4)
+    cached, plain = ResizedSamples(dataset, 0.5, cache=True), ResizedSamples(dataset, 0.5, cache=False)
+    for _ in range(2):
+        for i in range(4):
+            a, b = cached.load(i), plain.load(i)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].dtype == torch.int64 and a[2] == b[2]

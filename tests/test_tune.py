@@ -42,8 +42,10 @@ def test_every_method_has_a_valid_space(method: str) -> None:
     assert any(p.name == "optim.lr" for p in space.params)
 
 
-def test_log1m_searches_the_complement_and_decodes_it() -> None:
-    space = load_space(default_space_path("mt"), "mt")
+def test_log1m_searches_the_complement_and_decodes_it(tmp_path: Path) -> None:
+    path = tmp_path / "mt.yaml"
+    path.write_text("params:\n  ema_decay: {type: log1m, low: 0.9, high: 0.9999}\n  optim.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n")
+    space = load_space(path, "mt")
     domain = space.tune_space()["1-ema_decay"]
     assert (domain.lower, domain.upper) == pytest.approx((1e-4, 0.1))
     assert space.decode({"1-ema_decay": 0.01})["ema_decay"] == pytest.approx(0.99)

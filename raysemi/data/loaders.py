@@ -27,7 +27,7 @@ from raysemi.data.batch import IGNORE_INDEX, collate
 from raysemi.data.boxes import box_channels, boxes_from_mask, crop_boxes
 from raysemi.data.datasets import SegDataset, build_dataset, train_split_name
 from raysemi.data.splits import Split, make_split
-from raysemi.data.transforms import eval_view, resize_pair, train_views
+from raysemi.data.transforms import STRONG_AUGS, Photometric, eval_view, resize_pair, train_views
 from raysemi.errors import DataError
 from raysemi.methods.base import DataInfo
 
@@ -108,10 +108,11 @@ class TrainView(Dataset):
         hide_labels: bool = False,
         keep_eval_masks: bool = False,
         strong: bool = True,
+        photometric: Photometric = STRONG_AUGS["strong"],
     ) -> None:
         self.dataset, self.subset = dataset, list(subset)
         self.crop_size, self.scale_range = tuple(crop_size), tuple(scale_range)
-        self.resolution_scale, self.strong = resolution_scale, strong
+        self.resolution_scale, self.strong, self.photometric = resolution_scale, strong, photometric
         self.with_boxes, self.hide_labels, self.keep_eval_masks = with_boxes, hide_labels, keep_eval_masks
         self.samples = samples or ResizedSamples(dataset, resolution_scale, cache=False)
 
@@ -123,7 +124,9 @@ class TrainView(Dataset):
         index = self.subset[position]
         image, mask, original_size = self.samples.load(index)
         generator = torch.Generator().manual_seed(seed)
-        sample = train_views(image, mask, self.crop_size, generator, self.scale_range, strong=self.strong)
+        sample = train_views(
+            image, mask, self.crop_size, generator, self.scale_range, strong=self.strong, photometric=self.photometric
+        )
         sample["ids"] = torch.tensor(position, dtype=torch.int64)
         if self.with_boxes:
             sample["box_channels"] = self._box_channels(index, original_size, sample)
@@ -234,6 +237,7 @@ def build_loaders(
             data.resolution_scale,
             with_boxes=needs_boxes,
             samples=train_samples,
+            photometric=STRONG_AUGS[data.strong_aug],
             hide_labels=hide_labels,
             keep_eval_masks=keep_eval_masks and train_set.has_labels,
         )

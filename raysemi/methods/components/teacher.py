@@ -47,6 +47,19 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(1.0 - 1.0 / (step + 1), decay)
 
 
+def run_scaled_decay(total: int, decay: float, horizon: float) -> float:
+    """The teacher's decay ``a`` for a run of ``total`` iterations.
+
+    ``horizon > 0``: the EMA's time constant is ``horizon * total`` iterations, ``a = 1 - 1 / (horizon * total)``,
+    so the teacher averages the same share of any run (0.01: a = 0.95 at 2,000 iterations, 0.9975 at 40,000, the
+    papers' 0.99-0.999 at their scale). ``horizon == 0``: the fixed ``decay`` (the papers' behaviour), whose
+    averaging window is 1 / (1 - a) iterations whatever the run's length: at 0.99 and a 300-iteration run the
+    teacher lags the student by a third of training."""
+    if horizon <= 0:
+        return decay
+    return 1.0 - 1.0 / max(horizon * total, 1.0)
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "ema") -> None:
     """``theta_T <- decay * theta_T + (1 - decay) * theta_S`` on parameters; float buffers are averaged the same
@@ -69,7 +82,8 @@ class MeanTeacherMethod(Method):
     """A student trained by gradient and its EMA teacher (mt, cutmix, classmix, ael). Like every method, the student
     is reported (``Method.eval_model``) and the teacher is scored and logged beside it (``val/miou_teacher``); the
     teacher follows the student after every optimizer step with the warm-up decay of
-    ``ema_decay_at``. Subclass hyperparameters declare ``ema_decay`` and ``ema_buffers``."""
+    ``ema_decay_at`` towards the run-scaled decay of ``run_scaled_decay``. Subclass hyperparameters declare
+    ``ema_decay``, ``ema_horizon`` and ``ema_buffers``."""
 
     def __init__(self, model_factory: ModelFactory, info: DataInfo, hparams: Hyperparameters) -> None:
         super().__init__(model_factory, info, hparams)
@@ -83,7 +97,8 @@ class MeanTeacherMethod(Method):
         return {"teacher": self.teacher}
 
     def ema_decay(self, progress: Progress) -> float:
-        return ema_decay_at(progress.iteration, self.hp.ema_decay)
+        target = run_scaled_decay(progress.total, self.hp.ema_decay, self.hp.ema_horizon)
+        return ema_decay_at(progress.iteration, target)
 
     def after_step(self, progress: Progress) -> None:
         ema_update(self.teacher, self.net, self.ema_decay(progress), self.hp.ema_buffers)
