@@ -25,6 +25,8 @@ from raysemi.errors import ConfigError
 
 METRIC = "val/miou"
 CLASS_PREFIX = "val_iou/"
+TEST_METRIC = "test/miou"
+TEST_CLASS_PREFIX = "test_iou/"
 CURVES = ("val/miou", "loss/sup")
 SECTION_KEYS = ("data.dataset", "model.name", "data.eval_mode", "train.iters")
 BASELINE = "supervised"
@@ -44,10 +46,11 @@ class RunRecord:
     expected: float | None = None
     expected_verified: bool = True
     store: str = ""
+    split: str = "val"
 
     @property
     def section(self) -> tuple[str, ...]:
-        return tuple(self.params.get(k, "?") for k in SECTION_KEYS)
+        return (*(self.params.get(k, "?") for k in SECTION_KEYS), self.split)
 
 
 @dataclass
@@ -74,8 +77,8 @@ class Section:
 
     @property
     def title(self) -> str:
-        dataset, model, mode, iters = self.key
-        return f"{dataset} · {model} · eval {mode} · {iters} iterations"
+        dataset, model, mode, iters, split = self.key
+        return f"{dataset} · {model} · eval {mode} · {iters} iterations · {split} split"
 
     @property
     def methods(self) -> list[str]:
@@ -123,7 +126,9 @@ def protocol_order(label: str) -> tuple[int, float, str]:
 
 def collect(client: Any, experiment_ids: list[str], named_runs: list[Any], include_trials: bool) -> tuple[list[RunRecord], list[Any]]:
     """Finished training runs (params ``method.name`` and metric ``val/miou``) and study parent runs, from
-    ``named_runs`` (MLflow runs already fetched) and every run of ``experiment_ids``."""
+    ``named_runs`` (MLflow runs already fetched) and every run of ``experiment_ids``. A run scored once on a test
+    split (``test/miou``) is reported by that score and sits in a table of test-split runs; the others by their
+    last val score, in tables of their own: the two are never compared."""
     from mlflow.entities import ViewType
 
     runs = list(named_runs)
@@ -150,9 +155,10 @@ def collect(client: Any, experiment_ids: list[str], named_runs: list[Any], inclu
             continue
         if is_trial and not include_trials:
             continue
-        ious = {k.removeprefix(CLASS_PREFIX): v for k, v in metrics.items() if k.startswith(CLASS_PREFIX)}
+        split, metric, prefix = ("test", TEST_METRIC, TEST_CLASS_PREFIX) if TEST_METRIC in metrics else ("val", METRIC, CLASS_PREFIX)
+        ious = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
         records.append(RunRecord(run.info.run_id, run.info.run_name or run.info.run_id[:8], dict(params),
-                                 metrics[METRIC], ious, is_trial))
+                                 metrics[metric], ious, is_trial, split=split))
     return records, studies
 
 

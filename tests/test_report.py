@@ -79,8 +79,8 @@ def test_report_tables_equal_hand_arithmetic(store: tuple[str, dict[str, str]], 
     result = build_report(uri, tmp_path / "r", experiments=[EXPERIMENT], recipes_dir=recipes)
     assert result["runs"] == 9 and result["studies"] == 1
     sections = {s.key: s for s in result["sections"]}
-    assert set(sections) == {("synthetic", "tiny", mode, "4") for mode in ("whole", "sliding")}
-    whole = sections[("synthetic", "tiny", "whole", "4")]
+    assert set(sections) == {("synthetic", "tiny", mode, "4", "val") for mode in ("whole", "sliding")}
+    whole = sections[("synthetic", "tiny", "whole", "4", "val")]
     sup, mt = whole.cells[("supervised", "1/8")], whole.cells[("mt", "1/8")]
     assert sup.mean == pytest.approx(0.42) and sup.spread == pytest.approx(0.02 * 2**0.5)
     assert mt.mean == pytest.approx(0.53) and mt.spread == pytest.approx(0.03 * 2**0.5)
@@ -94,7 +94,7 @@ def test_report_tables_equal_hand_arithmetic(store: tuple[str, dict[str, str]], 
     html = result["html"].read_text()
     assert "<td>42.00 ± 2.83 (n=2)</td>" in html
     names = {p.name for p in result["plots"]}
-    assert {"01_synthetic_tiny_whole_4_bars.png", "01_synthetic_tiny_whole_4_classes.png", "study_study_x.png"} <= names
+    assert {"01_synthetic_tiny_whole_4_val_bars.png", "01_synthetic_tiny_whole_4_val_classes.png", "study_study_x.png"} <= names
     assert len(result["plots"]) == 8
     for path in result["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
@@ -146,9 +146,31 @@ def test_several_stores_read_as_one(store: tuple[str, dict[str, str]], tmp_path:
     _log(client, exp, "sup-h", {"method.name": "supervised", "data.labeled": "1/2", "split_digest": "h"}, 0.70, curve=True)
     _log(client, exp, "mt-h", {"method.name": "mt", "method.ema_decay": 0.99, "data.labeled": "1/2", "split_digest": "h"}, 0.74)
     result = build_report([uri, other], tmp_path / "r", experiments=[EXPERIMENT, "half"], recipes_dir=None)
-    whole = {s.key: s for s in result["sections"]}[("synthetic", "tiny", "whole", "4")]
+    whole = {s.key: s for s in result["sections"]}[("synthetic", "tiny", "whole", "4", "val")]
     assert whole.protocols == ["1/8", "1/4", "1/2"]
     assert whole.cells[("mt", "1/2")].mean == pytest.approx(0.74) and whole.cells[("mt", "1/8")].mean == pytest.approx(0.53)
     assert "| mt | +11.00 | +3.00 | +4.00 |" in result["markdown"].read_text()
     assert main(["report", "--tracking-uri", uri, other, "--runs", "0" * 32, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no such run in {uri}, {other}")
+
+
+def test_runs_scored_on_test_are_reported_by_test_and_kept_apart_from_val_runs(tmp_path: Path) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    now = int(1000 * time.time())
+    for method, val, test in (("supervised", 0.50, 0.30), ("mt", 0.60, 0.34)):
+        run_id = _log(client, exp, method, {"method.name": method, "split_digest": "d"}, val, ious={"car": 0.9})
+        client.log_batch(run_id, metrics=[Metric("test/miou", test, now, 4), Metric("test_iou/car", 0.1, now, 4)])
+    _log(client, exp, "val-only", {"method.name": "supervised", "split_digest": "d"}, 0.99)
+    result = build_report(uri, tmp_path / "r", experiments=[EXPERIMENT])
+    sections = {s.key: s for s in result["sections"]}
+    test = sections[("synthetic", "tiny", "whole", "4", "test")]
+    assert test.cells[("supervised", "1/8")].values == [0.30] and test.cells[("mt", "1/8")].values == [0.34]
+    assert {r.class_iou["car"] for r in test.runs} == {0.1}
+    assert sections[("synthetic", "tiny", "whole", "4", "val")].cells[("supervised", "1/8")].values == [0.99]
+    md = result["markdown"].read_text()
+    assert "test split" in md and "| mt | +4.00 |" in md
