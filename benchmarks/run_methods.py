@@ -56,7 +56,9 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out: Path, variant
     cmd = [
         sys.executable, "-m", "raysemi.cli", "train", "--method", name, "--dataset", args.dataset,
         "--model", args.model, "--labeled", args.labeled, "--iters", str(args.iters), "--seed", str(seed),
-        "--batch-size", str(args.batch_size), "--out", str(run_dir), "--json",
+        # --overwrite: a row is only run when results.jsonl has no successful row for it, so whatever is in its
+        # folder is a failed or interrupted attempt
+        "--batch-size", str(args.batch_size), "--out", str(run_dir), "--overwrite", "--json",
         "--tracking-uri", f"sqlite:///{(out / 'mlruns.db').resolve()}",
         "--set", f"tracking.experiment={args.experiment or out.name}",
         "--set", f"train.threads={args.threads}",

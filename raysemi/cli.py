@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method")
     _add_run_args(p)
     p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved config")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     p.add_argument("--workers", type=int, help="Ray Train workers; 0 runs the plain loop in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
@@ -94,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config_from_args(args: argparse.Namespace) -> Any:
-    """Defaults < --config file < flags < --set."""
+def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """Defaults < ``base`` (a resumed run's saved config) < --config file < flags < --set."""
     from raysemi.config import apply_overrides, from_dict, merge
     from raysemi.recipes import load_recipe, resolve_references
 
-    values: dict[str, Any] = load_recipe(args.config) if args.config else {}
+    values: dict[str, Any] = merge(base or {}, load_recipe(args.config) if args.config else {})
     flags: dict[str, dict[str, Any]] = {"method": {}, "data": {}, "model": {}, "train": {}, "tracking": {}, "distributed": {}}
     if args.method:
         flags["method"]["name"] = args.method
@@ -167,27 +168,44 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = run_config_from_args(args)
-    if cfg.distributed.workers > 0:
-        from raysemi.engine.distributed import fit_distributed
+    from pathlib import Path
 
-        summary = fit_distributed(cfg, resume=args.resume)
-    else:
-        from raysemi.engine.loop import fit
+    from raysemi.config import load_yaml, to_dict
+    from raysemi.engine.run_folder import check_resume, claim
 
-        callbacks = []
-        if cfg.tracking.enabled:
-            from raysemi.engine.tracking import MlflowCallback
-
-            callbacks.append(MlflowCallback(cfg))
-        from raysemi.engine.progress import ProgressCallback
-
-        callbacks.append(ProgressCallback(cfg.train.iters))
-        summary = fit(cfg, resume=args.resume, callbacks=callbacks)
+    saved = None
+    if args.resume:
+        if not args.out:
+            raise RaysemiError("--resume needs --out, the run folder to continue")
+        saved_path = Path(args.out) / "config.yaml"
+        saved = load_yaml(saved_path) if saved_path.is_file() else None
+    cfg = run_config_from_args(args, base=saved)
+    with claim(Path(cfg.out), args.resume, args.overwrite):
+        if saved is not None:
+            check_resume(saved, to_dict(cfg), Path(cfg.out))
+        summary = _train(cfg, args.resume)
     nodes = len(set(summary.get("node_ids") or [None]))
     line = f"val mIoU {summary.get('val_miou')} ({cfg.data.eval_mode}) on {summary['workers']} worker(s), {nodes} node(s) -> {cfg.out}"
     _print_summary(summary, args.json, line)
     return 0
+
+
+def _train(cfg: Any, resume: bool) -> dict[str, Any]:
+    if cfg.distributed.workers > 0:
+        from raysemi.engine.distributed import fit_distributed
+
+        return fit_distributed(cfg, resume=resume)
+    from raysemi.engine.loop import fit
+
+    callbacks = []
+    if cfg.tracking.enabled:
+        from raysemi.engine.tracking import MlflowCallback
+
+        callbacks.append(MlflowCallback(cfg))
+    from raysemi.engine.progress import ProgressCallback
+
+    callbacks.append(ProgressCallback(cfg.train.iters))
+    return fit(cfg, resume=resume, callbacks=callbacks)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -57,6 +57,13 @@ class DataConfig:
         for key in ("batch_size",):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("unlabeled_batch_size", "num_workers", "val_limit"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}: must be >= 0, got {getattr(self, key)}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ConfigError(f"data.crop_size: expected two sizes >= 1 (H, W), got {list(self.crop_size)}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(f"data.scale_range: expected 0 < low <= high, got {list(self.scale_range)}")
         if self.strong_aug not in ("mild", "strong"):
             raise ConfigError(f"data.strong_aug: expected mild or strong, got {self.strong_aug!r}")
         if self.resolution_scale <= 0:
@@ -128,6 +135,13 @@ class DistributedConfig:
     storage: str | None = None
     max_failures: int = 0
     cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "max_failures"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"distributed.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"distributed.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass

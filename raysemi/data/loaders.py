@@ -249,6 +249,8 @@ def build_loaders(
     val_positions = list(range(len(val_set)))
     if data.val_limit > 0:
         val_positions = val_positions[: data.val_limit]
+    if not val_positions:
+        raise DataError(f"dataset {data.dataset} split {data.val_split!r} has no images to evaluate on")
     info = DataInfo(
         num_classes=train_set.num_classes,
         class_names=tuple(train_set.class_names),
@@ -276,6 +278,8 @@ def build_loaders(
 
 def _eval_set(data: DataConfig, split_name: str, train_set: SegDataset, train_split: str) -> SegDataset:
     dataset = build_dataset(data.dataset, split_name, data.root, **dataset_options(data, split_name))
+    if len(dataset) == 0:
+        raise DataError(f"dataset {data.dataset} split {split_name!r} has no images to evaluate on")
     if not dataset.has_labels:
         raise DataError(f"dataset {data.dataset} split {split_name!r} has no labels to evaluate on")
     if dataset.num_classes != train_set.num_classes:

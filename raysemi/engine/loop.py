@@ -214,6 +214,12 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint is for method {state.get('method_name')!r}, the run is {self.cfg.method_name!r}"
             )
+        digest = state.get("split_digest")
+        if digest and digest != self.loaders.split.digest():
+            raise CheckpointError(
+                f"checkpoint was trained on split {digest[:12]}, this run's split is {self.loaders.split.digest()[:12]}"
+                " (same --labeled and data.split_seed as the run, or a new run)"
+            )
         try:
             self.method.load_state_dict(state["method"])
             for name, opt in self.optimizers.items():

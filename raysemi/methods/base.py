@@ -172,7 +172,27 @@ def build_hparams(method_cls: type[Method], values: dict[str, Any]) -> Hyperpara
             )
     defaults = method_cls.Hyper()
     coerced = {k: coerce_value(f"method.{k}", v, getattr(defaults, k)) for k, v in values.items()}
+    for key, value in coerced.items():
+        check_range(f"method.{key}", value)
     return dataclasses.replace(defaults, **coerced)
+
+
+def check_range(key: str, value: Any) -> None:
+    """Range rules by the name of a hyperparameter, the same for every method (and for search spaces): decays and
+    momenta in [0, 1) (``*decay``, ``*momentum``, ``m_*``), probabilities and confidence thresholds in [0, 1]
+    (``*prob``, ``*threshold``, ``*thresh``, ``*fraction``), loss weights, ramp lengths and horizons >= 0
+    (``*weight``, ``*length``, ``*horizon``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    name = key.rsplit(".", 1)[-1]
+    if name.endswith(("decay", "momentum")) or name.startswith("m_"):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: a decay must be in [0, 1), got {value}")
+    elif name.endswith(("prob", "threshold", "thresh", "fraction")):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: expected a value in [0, 1], got {value}")
+    elif name.endswith(("weight", "length", "horizon")) and value < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {value}")
 
 
 def coerce_value(key: str, value: Any, default: Any) -> Any:

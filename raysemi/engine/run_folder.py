@@ -1,0 +1,120 @@
+"""The policy for a run folder (``--out``) that ``raysemi train`` writes into.
+
+- A folder that already holds a run (its ``config.yaml``, ``summary.json`` or ``checkpoints/last.pt``) is refused
+  unless ``--resume`` (continue it) or ``--overwrite`` (replace it: the old run's files are removed first).
+- One writer at a time: the command holds an exclusive lock on ``<out>/.raysemi.lock`` for its whole run, so a second
+  command on the same folder stops at once instead of the last writer silently winning.
+- ``--resume`` starts from the run's saved ``config.yaml`` (flags given again are applied on top) and refuses any
+  change that would make the run's record false: the method and its hyperparameters, the model, the dataset, the
+  labelled split, the seed and the iteration budget.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raysemi.errors import ConfigError
+
+LOCK_NAME = ".raysemi.lock"
+RUN_FILES = ("config.yaml", "summary.json", "checkpoints/last.pt")
+#: Files and folders of a run that ``--overwrite`` removes.
+RUN_CONTENTS = ("config.yaml", "summary.json", "provenance.json", "checkpoints", "split")
+#: Config keys a resumed run may not change (section, key); ``None`` = the whole section.
+FROZEN_ON_RESUME = (
+    ("method", None),
+    ("model", "name"),
+    ("model", "options"),
+    ("data", "dataset"),
+    ("data", "labeled"),
+    ("data", "split_seed"),
+    ("data", "resolution_scale"),
+    ("data", "crop_size"),
+    ("data", "batch_size"),
+    ("train", "seed"),
+    ("train", "iters"),
+)
+
+
+class RunFolderLock:
+    """An exclusive, non-blocking ``flock`` on the run folder's lock file, released on ``close`` or process exit
+    (also after ``kill -9``: the kernel drops the lock with the file descriptor)."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / LOCK_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise ConfigError(f"{out}: another raysemi command is writing this run folder (lock {self.path})") from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RunFolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def existing_run(out: Path) -> str | None:
+    """The first file that shows ``out`` already holds a run, or None."""
+    return next((name for name in RUN_FILES if (out / name).exists()), None)
+
+
+def claim(out: Path, resume: bool, overwrite: bool) -> RunFolderLock:
+    """Lock ``out`` for this command and apply the existing-run policy (module doc)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    lock = RunFolderLock(out)
+    try:
+        found = existing_run(out)
+        if found and not resume and not overwrite:
+            raise ConfigError(f"{out}: already holds a run ({found}); --resume continues it, --overwrite replaces it")
+        if overwrite:
+            for name in RUN_CONTENTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def check_resume(saved: dict[str, Any], resumed: dict[str, Any], out: Path) -> None:
+    """Fail naming the first key in ``FROZEN_ON_RESUME`` whose value differs between the saved and the resumed
+    config (both plain dicts, as ``config.to_dict`` gives them)."""
+    for section, key in FROZEN_ON_RESUME:
+        before = saved.get(section, {}) if key is None else saved.get(section, {}).get(key)
+        after = resumed.get(section, {}) if key is None else resumed.get(section, {}).get(key)
+        if _plain(before) != _plain(after):
+            name = section if key is None else f"{section}.{key}"
+            raise ConfigError(
+                f"{out}: --resume cannot change {name} ({_short(before)} -> {_short(after)}); the run was made with "
+                "the saved config.yaml (start a new run with another --out instead)"
+            )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= 80 else text[:77] + "..."
