@@ -109,3 +109,28 @@ def test_cached_samples_equal_decoded_ones(tmp_path: Path) -> None:
         for i in range(4):
             a, b = cached.load(i), plain.load(i)
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].dtype == torch.int64 and a[2] == b[2]
+
+
+class SigintAt(Callback):
+    """Sends this process a real SIGINT (a user's Ctrl-C) after iteration ``iteration``."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_log(self, iteration: int, metrics: dict) -> None:
+        if iteration == self.iteration:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tmp_path: Path) -> None:
+    """Old code: with checkpoint_every=0 (the default) Ctrl-C kept nothing to resume from."""
+    full = fit(small_config(tmp_path / "full", checkpoint_every=0))
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_config(tmp_path / "cut", checkpoint_every=0), callbacks=[SigintAt(4)])
+    assert load_state(tmp_path / "cut" / "checkpoints" / "last.pt")["iteration"] == 4
+    resumed = fit(small_config(tmp_path / "cut", checkpoint_every=0), resume=True)
+    a, b = load_state(full["checkpoint"])["method"], load_state(resumed["checkpoint"])["method"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,32 @@ def set_poly_lr(optimizers: dict[str, torch.optim.Optimizer], iteration: int, to
     for opt in optimizers.values():
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
+
+
+class InterruptRequest:
+    """Set by the first SIGINT while ``interrupt_requests`` is active; a second one interrupts at once."""
+
+    requested = False
+
+
+@contextmanager
+def interrupt_requests() -> Iterator[InterruptRequest]:
+    """In the main thread, turn the first Ctrl-C into a request the loop honours after the current iteration (it then
+    writes a checkpoint and raises KeyboardInterrupt). Elsewhere (Ray Train's worker threads) signals stay as they are."""
+    request = InterruptRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        request.requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def infinite(loader: Any) -> Iterator[Any]:
@@ -251,8 +280,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        total = cfg.train.iters
         if self.runtime.is_main:
             self._write_run_files()
         for cb in self.callbacks:
@@ -260,6 +287,13 @@ class Trainer:
         labeled_iter = infinite(self.loaders.labeled)
         unlabeled_iter = infinite(self.loaders.unlabeled) if type(self.method).has_unsupervised_loss else None
         self.method.train()
+        with interrupt_requests() as interrupt:
+            self._loop(labeled_iter, unlabeled_iter, interrupt)
+        return self._finish()
+
+    def _loop(self, labeled_iter: Iterator[Any], unlabeled_iter: Iterator[Any] | None, interrupt: InterruptRequest) -> None:
+        cfg = self.cfg
+        total = cfg.train.iters
         while self.iteration < total:
             started = time.perf_counter()
             labeled = next(labeled_iter).to(self.device, non_blocking=True)
@@ -274,7 +308,10 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_log(self.iteration, logs)
             self._maybe_evaluate_and_checkpoint()
-        return self._finish()
+            if interrupt.requested:
+                # Ctrl-C lands between two iterations: the state is whole, so --resume continues exactly from here.
+                self.checkpoint_path = self.runtime.report({"iteration": self.iteration}, self.state())
+                raise KeyboardInterrupt
 
     def _step(self, labeled: Any, unlabeled: Any, progress: Progress) -> dict[str, float]:
         set_poly_lr(self.optimizers, progress.iteration, progress.total, self.cfg.optim.power)
