@@ -8,6 +8,10 @@ protocol label, else ``data.labeled``: ``1/8``, ``92``, a split folder's name). 
 protocol (marked ``≠split`` when the two cells were trained on different split files), and to the paper's number
 where a recipe states one (``†``: the spec marks it unverified). mIoU is shown in percent. Several MLflow stores
 are read as one, so runs kept in separate folders (one per label fraction) share a table.
+
+Figures per table (``raysemi.report_plots`` draws what the functions here compute): each method's gain over
+supervised per protocol (``gain_panels``), mIoU against the number of labelled images (``label_efficiency``),
+learning curves per method (``curve_sets``) and per-class IoU gains (``class_gains``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,33 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from raysemi.errors import ConfigError
+from raysemi.report_plots import (
+    CurveSet,
+    EfficiencyPoint,
+    EfficiencySeries,
+    GainBar,
+    GainPanel,
+    class_gain_figure,
+    curves_figure,
+    efficiency_figure,
+    gain_figure,
+    save,
+    study_figure,
+)
 
 METRIC = "val/miou"
 CLASS_PREFIX = "val_iou/"
 TEST_METRIC = "test/miou"
 TEST_CLASS_PREFIX = "test_iou/"
 CURVES = ("val/miou", "loss/sup")
+CURVE_LABELS = {"val/miou": "val mIoU (%)", "loss/sup": "supervised loss (cross-entropy)"}
+# labelled images in the run's split, when tracking logged it (a fraction protocol alone does not say)
+NUM_LABELED = "num_labeled"
 SECTION_KEYS = ("data.dataset", "model.name", "data.eval_mode", "train.iters")
 BASELINE = "supervised"
 DEFAULT_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -292,82 +313,140 @@ def section_tables(section: Section) -> list[tuple[str, list[str], list[list[str
     return tables
 
 
-# ------------------------------------------------------------------------------------------------- plots
+# ------------------------------------------------------------------------------------------------- plotted data
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def metric_label(section: Section) -> str:
+    """What a section's cells measure: mIoU on its split."""
+    return f"{section.key[-1]} mIoU"
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
+def extra_supervision(method: str) -> bool:
+    """Whether the registered method learns from more than the labelled masks and the unlabelled images (the
+    box labels of selfcorr): its gain is not the unlabelled data's alone."""
+    from raysemi.methods import METHODS
+
+    return method in METHODS.names() and METHODS.get(method).needs_boxes
 
 
-def plot_bars(section: Section, path: Path) -> Path:
-    plt = _plt()
-    methods, protocols = section.methods, section.protocols
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(methods) * max(1, len(protocols)) ** 0.5), 3.6))
-    width = 0.8 / len(protocols)
-    for j, protocol in enumerate(protocols):
-        cells = [section.cells.get((m, protocol)) for m in methods]
-        xs = [i + (j - (len(protocols) - 1) / 2) * width for i in range(len(methods))]
-        ax.bar(xs, [100 * c.mean if c else 0 for c in cells], width,
-               yerr=[100 * (c.spread or 0) if c else 0 for c in cells], capsize=3, label=protocol)
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("val mIoU (%)")
-    ax.legend(title="labels", fontsize=7)
-    ax.set_title(section.title, fontsize=9)
-    return _save(fig, path)
+def _row_uses_extra_supervision(section: Section, label: str) -> bool:
+    return any(extra_supervision(r.params["method.name"]) for r in section.runs if r.label == label)
 
 
-def plot_fraction_lines(section: Section, path: Path) -> Path:
-    plt = _plt()
-    protocols = section.protocols
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method in section.methods:
-        xs = [i for i, p in enumerate(protocols) if (method, p) in section.cells]
-        cells = [section.cells[(method, protocols[i])] for i in xs]
-        line = ax.errorbar(xs, [100 * c.mean for c in cells], yerr=[100 * (c.spread or 0) for c in cells],
-                           marker="o", capsize=3, label=method)
-        paper = [(x, c.expected) for x, c in zip(xs, cells, strict=True) if c.expected is not None]
-        if paper:
-            ax.scatter(*zip(*paper, strict=True), marker="x", color=line[0].get_color())
-    ax.set_xticks(range(len(protocols)), protocols)
-    ax.set_xlabel("labelled protocol (x = paper)")
-    ax.set_ylabel("val mIoU (%)")
-    ax.legend(fontsize=7)
-    ax.set_title(section.title, fontsize=9)
-    return _save(fig, path)
+def ceiling_protocol(section: Section) -> str | None:
+    """The protocol column of the supervised runs trained on every label (``data.labeled=all``), whatever the
+    recipe called it; None without such runs."""
+    found = sorted({r.protocol for r in section.runs
+                    if r.label == BASELINE and r.params.get("data.labeled", "").strip() == "all"})
+    return found[0] if found else None
 
 
-def plot_class_heatmap(section: Section, path: Path) -> Path | None:
-    classes = list(dict.fromkeys(c for r in section.runs for c in r.class_iou))
-    if not classes:
+def gain_panels(section: Section) -> list[GainPanel]:
+    """The gain plot's data: per protocol with a supervised cell, each other row's mean minus supervised's
+    (points) with its own sample std and run count, best first and the rows with extra supervision last; a cell
+    never run gives no bar. The ceiling is supervised(all labels) minus supervised at the protocol."""
+    full = ceiling_protocol(section)
+    ceiling = section.cells.get((BASELINE, full)) if full else None
+    panels = []
+    for protocol in section.protocols:
+        base = section.cells.get((BASELINE, protocol))
+        if base is None:
+            continue
+        bars = []
+        for method in section.methods:
+            cell = section.cells.get((method, protocol))
+            if method == BASELINE or cell is None:
+                continue
+            name = method if cell.digests == base.digests else f"{method} ≠split"
+            bars.append(GainBar(name, 100 * (cell.mean - base.mean), None if cell.spread is None else 100 * cell.spread,
+                                len(cell.values), _row_uses_extra_supervision(section, method)))
+        bars.sort(key=lambda b: (b.extra_supervision, -b.gain))
+        if bars:
+            top = None if ceiling is None or protocol == full else 100 * (ceiling.mean - base.mean)
+            panels.append(GainPanel(protocol, 100 * base.mean, top, bars))
+    return panels
+
+
+def _labelled_images(runs: list[RunRecord]) -> float | None:
+    """The logged count of labelled images, else the protocol when it is a count."""
+    logged = [float(r.params[NUM_LABELED]) for r in runs if _none(r.params.get(NUM_LABELED))]
+    if logged:
+        return statistics.median(logged)
+    return float(runs[0].protocol) if runs[0].protocol.isdigit() else None
+
+
+def _labelled_share(protocol: str, full: str | None) -> float | None:
+    if protocol == full:
+        return 1.0
+    if protocol.isdigit():
         return None
-    rows = [(m, p) for m in section.methods for p in section.protocols if (m, p) in section.cells]
-    table = []
-    for method, protocol in rows:
-        runs = [r for r in section.runs if (r.label, r.protocol) == (method, protocol)]
-        table.append([_nanmean([r.class_iou.get(c, math.nan) for r in runs]) for c in classes])
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.8 + 0.45 * len(classes), 1.8 + 0.4 * len(rows)))
-    image = ax.imshow([[100 * v for v in row] for row in table], cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    for i, row in enumerate(table):
-        for j, value in enumerate(row):
-            if not math.isnan(value):
-                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), [f"{m} @ {p}" for m, p in rows], fontsize=7)
-    fig.colorbar(image, ax=ax, label="IoU (%)")
-    ax.set_title(f"per-class IoU: {section.title}", fontsize=9)
-    return _save(fig, path)
+    try:
+        share = Fraction(protocol)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return float(share) if 0 < share <= 1 else None
+
+
+def label_efficiency(section: Section) -> tuple[list[EfficiencySeries], str, EfficiencyPoint | None]:
+    """The label-efficiency plot's data: per row, a point per protocol at its number of labelled images (param
+    ``num_labeled``, else a count protocol), mean and min-max over runs in %; the axis (``count`` or ``share``)
+    and supervised(all labels). Runs that logged no count are placed by their share of the training set when
+    every cell has one (fractions), else cells without a count are left out."""
+    full = ceiling_protocol(section)
+    groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for r in section.runs:
+        groups[(r.label, r.protocol)].append(r)
+    plotted = [key for key in groups if key != (BASELINE, full)]
+    counts = {key: _labelled_images(runs) for key, runs in groups.items()}
+    shares = {key: _labelled_share(key[1], full) for key in groups}
+    by_share = any(counts[k] is None for k in plotted) and all(shares[k] is not None for k in plotted)
+    xs, axis = (shares, "share") if by_share else (counts, "count")
+
+    def point(key: tuple[str, str]) -> EfficiencyPoint:
+        values = [100 * v for v in section.cells[key].values]
+        x = xs[key]
+        return EfficiencyPoint(math.nan if x is None else x, key[1], statistics.fmean(values), min(values),
+                               max(values), len(values))
+
+    series = []
+    for method in section.methods:
+        points = sorted((point(k) for k in plotted if k[0] == method and xs[k] is not None), key=lambda p: p.x)
+        if points:
+            series.append(EfficiencySeries(method, points, _row_uses_extra_supervision(section, method), method == BASELINE))
+    return series, axis, point((BASELINE, full)) if full else None
+
+
+def curve_sets(clients: dict[str, Any], section: Section) -> list[CurveSet]:
+    """Every run's history of each ``CURVES`` metric (mIoU in %), grouped by row and protocol."""
+    histories: dict[tuple[str, str, str], list[list[tuple[int, float]]]] = defaultdict(list)
+    for r in sorted(section.runs, key=lambda r: protocol_order(r.protocol)):
+        for metric in CURVES:
+            scale = 100 if metric == METRIC else 1
+            history = sorted((m.step, scale * m.value) for m in clients[r.store].get_metric_history(r.run_id, metric))
+            if history:
+                histories[(r.label, r.protocol, metric)].append(history)
+    return [CurveSet(label, protocol, metric, runs) for (label, protocol, metric), runs in histories.items()]
+
+
+def class_gains(section: Section) -> tuple[list[str], list[str], list[list[float]]]:
+    """The heatmap's data: rows ``method @ protocol`` with a supervised cell at the protocol, columns the
+    classes, values the mean per-class IoU minus supervised's (points; NaN where either did not score it); a
+    row with no class scored by both is left out."""
+    classes = list(dict.fromkeys(c for r in section.runs for c in r.class_iou))
+
+    def means(label: str, protocol: str) -> list[float]:
+        runs = [r for r in section.runs if (r.label, r.protocol) == (label, protocol)]
+        return [_nanmean([r.class_iou.get(c, math.nan) for r in runs]) for c in classes]
+
+    rows, values = [], []
+    for method in section.methods:
+        for protocol in section.protocols:
+            if method == BASELINE or (method, protocol) not in section.cells or (BASELINE, protocol) not in section.cells:
+                continue
+            gains = [100 * (v - b) for v, b in zip(means(method, protocol), means(BASELINE, protocol), strict=True)]
+            if not all(math.isnan(g) for g in gains):
+                rows.append(f"{method} @ {protocol}")
+                values.append(gains)
+    return rows, classes, values
 
 
 def _nanmean(values: list[float]) -> float:
@@ -375,29 +454,26 @@ def _nanmean(values: list[float]) -> float:
     return statistics.fmean(kept) if kept else math.nan
 
 
-def plot_curves(clients: dict[str, Any], section: Section, path: Path) -> Path:
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5.0 * len(CURVES), 3.4))
-    colours = {m: f"C{i % 10}" for i, m in enumerate(section.methods)}
-    styles = {p: s for p, s in zip(section.protocols, ["-", "--", ":", "-."] * 8, strict=False)}
-    for ax, metric in zip(axes, CURVES, strict=True):
-        for r in section.runs:
-            history = sorted((m.step, m.value) for m in clients[r.store].get_metric_history(r.run_id, metric))
-            if history:
-                steps, values = zip(*history, strict=True)
-                scale = 100 if metric == METRIC else 1
-                ax.plot(steps, [scale * v for v in values], styles[r.protocol], color=colours[r.label], lw=1,
-                        label=f"{r.label} @ {r.protocol}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("val mIoU (%)" if metric == METRIC else metric)
-    unique = {}
-    for ax in axes:
-        handles, labels = ax.get_legend_handles_labels()
-        unique.update(zip(labels, handles, strict=True))
-    if unique:
-        axes[-1].legend(unique.values(), unique.keys(), fontsize=6)
-    fig.suptitle(section.title, fontsize=9)
-    return _save(fig, path)
+FIGURE_CAPTIONS = {
+    "gains": "Gain over supervised at each label protocol: mean over runs, error bar = the method's sample std, "
+             "n = its runs; dashed red = supervised with all labels; hatched grey = methods that also learn from "
+             "box labels. Cells never run have no bar.",
+    "label_efficiency": "mIoU against the number of labelled images (log axis): line = mean, band = min-max over "
+                        "runs; dotted = supervised with all labels.",
+    "class_gains": "Per-class IoU gain over supervised at the same protocol (points; blue = better, red = worse).",
+    "curves": "Learning curves per method (val mIoU, supervised loss): thin = one run, bold = mean over runs.",
+}
+
+
+def section_figures(clients: dict[str, Any], section: Section) -> dict[str, Any]:
+    """The section's figures by file suffix; a figure with nothing to draw is left out."""
+    title, metric = section.title, metric_label(section)
+    series, axis, ceiling = label_efficiency(section)
+    figures = {"gains": gain_figure(gain_panels(section), title, metric),
+               "label_efficiency": efficiency_figure(series, axis, ceiling, title, metric),
+               "class_gains": class_gain_figure(*class_gains(section), title),
+               "curves": curves_figure(curve_sets(clients, section), section.methods, CURVE_LABELS, title)}
+    return {name: fig for name, fig in figures.items() if fig is not None}
 
 
 def study_history(client: Any, study: Any) -> list[tuple[str, float]]:
@@ -412,21 +488,6 @@ def study_history(client: Any, study: Any) -> list[tuple[str, float]]:
         if value is not None:
             points.append((child.data.tags.get("raysemi.trial_id") or child.info.run_name, value))
     return points
-
-
-def plot_study(points: list[tuple[str, float]], title: str, path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    xs = list(range(1, len(points) + 1))
-    values = [100 * v for _, v in points]
-    best = [max(values[: i + 1]) for i in range(len(values))]
-    ax.scatter(xs, values, s=14, label="trial")
-    ax.step(xs, best, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial (start order)")
-    ax.set_ylabel("val mIoU (%)")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -496,9 +557,9 @@ def resolve_tracking_uri(uri: str | None) -> str:
 def build_report(tracking_uris: str | list[str], out: str | Path, experiments: list[str] | None = None,
                  run_ids: list[str] | None = None, include_trials: bool = False,
                  recipes_dir: Path | None = DEFAULT_RECIPES) -> dict[str, Any]:
-    """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``out``; returns their paths and the
-    sections (for callers and tests). Several stores (e.g. one benchmark folder per label fraction) are read as
-    one. No experiment or run named: every experiment in every store."""
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``out``; returns their paths (``plots_dir``:
+    the PNGs' folder) and the sections (for callers and tests). Several stores (e.g. one benchmark folder per
+    label fraction) are read as one. No experiment or run named: every experiment in every store."""
     from raysemi.engine.tracking import mlflow_client
 
     uris = [tracking_uris] if isinstance(tracking_uris, str) else list(tracking_uris)
@@ -545,21 +606,20 @@ def build_report(tracking_uris: str | list[str], out: str | Path, experiments: l
         stem = f"{i:02d}_{_slug('_'.join(section.key))}"
         blocks.append(("h2", section.title))
         blocks += [("table", *t) for t in section_tables(section)]
-        made = [plot_bars(section, plots / f"{stem}_bars.png"), plot_fraction_lines(section, plots / f"{stem}_fractions.png"),
-                plot_class_heatmap(section, plots / f"{stem}_classes.png"), plot_curves(clients, section, plots / f"{stem}_curves.png")]
-        for path in (p for p in made if p is not None):
+        for name, fig in section_figures(clients, section).items():
+            path = save(fig, plots / f"{stem}_{name}.png")
             files.append(path)
-            blocks.append(("img", f"plots/{path.name}", path.stem))
+            blocks += [("img", f"plots/{path.name}", path.stem), ("p", FIGURE_CAPTIONS[name])]
     for client, study in studies:
         points = study_history(client, study)
         if not points:
             continue
         title = f"study {study.data.tags.get('raysemi.study') or study.info.run_name}"
-        path = plot_study(points, title, plots / f"study_{_slug(study.info.run_name or study.info.run_id)}.png")
+        path = save(study_figure(points, title), plots / f"study_{_slug(study.info.run_name or study.info.run_id)}.png")
         files.append(path)
         best = max(v for _, v in points)
         blocks += [("h2", title), ("p", f"{len(points)} trials, best val mIoU {_pct(best)}%"), ("img", f"plots/{path.name}", path.stem)]
     (folder / "report.md").write_text(render_markdown(blocks))
     (folder / "report.html").write_text(render_html(blocks))
-    return {"markdown": folder / "report.md", "html": folder / "report.html", "plots": files, "runs": len(records),
-            "sections": sections, "studies": len(studies)}
+    return {"markdown": folder / "report.md", "html": folder / "report.html", "plots": files, "plots_dir": plots,
+            "runs": len(records), "sections": sections, "studies": len(studies)}

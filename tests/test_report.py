@@ -1,5 +1,6 @@
 """`raysemi report` on runs written through the MLflow client with known values: the table's means, spreads and
-gaps equal hand arithmetic, evaluation modes stay apart, trials and failed runs are skipped, plots are written."""
+gaps equal hand arithmetic, evaluation modes stay apart, trials and failed runs are skipped; the figures draw
+hand-computed gains, no bar for a cell never run, data in every axes, at most 1600 px wide."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import pytest
 
 from raysemi.cli import main
 from raysemi.errors import ConfigError
-from raysemi.report import RunRecord, assign_labels, build_report, protocol_label
+from raysemi.report import (
+    RunRecord,
+    assign_labels,
+    build_report,
+    class_gains,
+    gain_panels,
+    label_efficiency,
+    protocol_label,
+    section_figures,
+)
+from raysemi.report_plots import DPI, MAX_WIDTH_PX, gain_figure
 
 EXPERIMENT = "bench"
 
@@ -93,9 +104,12 @@ def test_report_tables_equal_hand_arithmetic(store: tuple[str, dict[str, str]], 
     assert "99.00" not in md and "trial" not in md.split("## study")[0]
     html = result["html"].read_text()
     assert "<td>42.00 ± 2.83 (n=2)</td>" in html
+    stem = "01_synthetic_tiny_whole_4_val"
     names = {p.name for p in result["plots"]}
-    assert {"01_synthetic_tiny_whole_4_val_bars.png", "01_synthetic_tiny_whole_4_val_classes.png", "study_study_x.png"} <= names
-    assert len(result["plots"]) == 8
+    assert names == {f"{stem}_{kind}.png" for kind in ("gains", "label_efficiency", "class_gains", "curves")} | {
+        "00_synthetic_tiny_sliding_4_val_label_efficiency.png", "00_synthetic_tiny_sliding_4_val_curves.png",
+        "study_study_x.png"}
+    assert result["plots_dir"] == tmp_path / "r" / "plots"
     for path in result["plots"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
         assert f"plots/{path.name}" in md
@@ -174,3 +188,98 @@ def test_runs_scored_on_test_are_reported_by_test_and_kept_apart_from_val_runs(t
     assert sections[("synthetic", "tiny", "whole", "4", "val")].cells[("supervised", "1/8")].values == [0.99]
     md = result["markdown"].read_text()
     assert "test split" in md and "| mt | +4.00 |" in md
+
+
+def _png_width(path: Path) -> int:
+    """Width from the PNG header: the IHDR chunk's first field, right after the 8-byte signature and 8 bytes of
+    chunk length and type."""
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+@pytest.fixture(scope="module")
+def gains_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """1/8, 1/4 and all labels with logged labelled-image counts; mt never ran at 1/4, selfcorr uses boxes."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("gains")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(folder / "artifacts").as_uri())
+    counts = {"1/8": 46, "1/4": 92, "all": 367}
+    cells = {("supervised", "1/8"): [0.40, 0.44], ("supervised", "1/4"): [0.50], ("supervised", "all"): [0.70, 0.72],
+             ("mt", "1/8"): [0.50, 0.56], ("pi", "1/8"): [0.41], ("pi", "1/4"): [0.55],
+             ("selfcorr", "1/8"): [0.45], ("selfcorr", "1/4"): [0.58], ("cps", "1/4"): [0.52]}
+    for (method, labeled), values in cells.items():
+        for seed, value in enumerate(values):
+            _log(client, exp, f"{method}-{labeled}-s{seed}", {"method.name": method, "data.labeled": labeled,
+                                                             "train.seed": seed, "split_digest": labeled,
+                                                             "num_labeled": counts[labeled]},
+                 value, ious={"bg": value + 0.1, "car": value - 0.1} if method in ("supervised", "mt") else None,
+                 curve=method != "cps")
+    return uri
+
+
+def test_gain_bars_equal_hand_computed_mean_differences(gains_store: str, tmp_path: Path) -> None:
+    section = build_report(gains_store, tmp_path, recipes_dir=None)["sections"][0]
+    panels = gain_panels(section)
+    assert [p.protocol for p in panels] == ["1/8", "1/4"]
+    eighth, quarter = panels
+    # supervised 1/8 = 42, 1/4 = 50, all = 71; sorted by gain, selfcorr (boxes) last; mt never ran at 1/4: no bar
+    assert [(b.method, round(b.gain, 9), b.n, b.extra_supervision) for b in eighth.bars] == [
+        ("mt", 11.0, 2, False), ("pi", -1.0, 1, False), ("selfcorr", 3.0, 1, True)]
+    assert [(b.method, round(b.gain, 9), b.extra_supervision) for b in quarter.bars] == [
+        ("pi", 5.0, False), ("cps", 2.0, False), ("selfcorr", 8.0, True)]
+    assert eighth.bars[0].spread == pytest.approx(3 * 2**0.5) and eighth.bars[1].spread is None
+    assert (eighth.baseline, eighth.ceiling, quarter.ceiling) == (pytest.approx(42.0), pytest.approx(29.0), pytest.approx(21.0))
+    import matplotlib.pyplot as plt
+
+    fig = gain_figure(panels, section.title, "val mIoU")
+    for ax, panel in zip(fig.axes, panels, strict=True):
+        assert [patch.get_width() for patch in ax.patches] == pytest.approx([b.gain for b in panel.bars])
+        assert [patch.get_hatch() or "" for patch in ax.patches][-1] == "//"
+        assert [t.get_text() for t in ax.get_yticklabels()] == [b.method for b in panel.bars]
+    plt.close(fig)
+
+
+def test_label_efficiency_by_logged_counts_else_by_share(gains_store: str, store: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    section = build_report(gains_store, tmp_path / "g", recipes_dir=None)["sections"][0]
+    series, axis, ceiling = label_efficiency(section)
+    by_method = {s.method: s for s in series}
+    assert axis == "count" and by_method["selfcorr"].extra_supervision and by_method["supervised"].baseline
+    assert [(p.x, p.mean, p.low, p.high, p.n) for p in by_method["supervised"].points] == [
+        (46, pytest.approx(42.0), pytest.approx(40.0), pytest.approx(44.0), 2), (92, pytest.approx(50.0), 50.0, 50.0, 1)]
+    assert [p.x for p in by_method["mt"].points] == [46]
+    assert (ceiling.mean, ceiling.low, ceiling.high, ceiling.n) == (pytest.approx(71.0), 70.0, 72.0, 2)
+    whole = {s.key: s for s in build_report(store[0], tmp_path / "s", experiments=[EXPERIMENT], recipes_dir=None)["sections"]}
+    series, axis, ceiling = label_efficiency(whole[("synthetic", "tiny", "whole", "4", "val")])
+    assert axis == "share" and ceiling is None
+    assert [p.x for p in series[0].points] == [0.125, 0.25]
+
+
+def test_class_gains_are_per_class_mean_differences(gains_store: str, tmp_path: Path) -> None:
+    section = build_report(gains_store, tmp_path, recipes_dir=None)["sections"][0]
+    rows, classes, values = class_gains(section)
+    # only mt logged per-class IoU besides supervised: bg and car move by mt's 11-point gain
+    assert rows == ["mt @ 1/8"] and classes == ["bg", "car"]
+    assert values[0] == pytest.approx([11.0, 11.0])
+
+
+def test_every_figure_has_data_in_every_axes_and_fits_1600_px(gains_store: str, store: tuple[str, dict[str, str]],
+                                                               tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    for uri, out in ((gains_store, tmp_path / "g"), (store[0], tmp_path / "s")):
+        result = build_report(uri, out, recipes_dir=None)
+        clients = {uri: MlflowClient(uri)}
+        for section in result["sections"]:
+            for name, fig in section_figures(clients, section).items():
+                assert fig.axes, name
+                for ax in fig.axes:
+                    assert ax.has_data(), (section.key, name, ax.get_title())
+                assert fig.get_figwidth() * DPI <= MAX_WIDTH_PX
+                plt.close(fig)
+        for path in result["plots"]:
+            assert 300 < _png_width(path) <= MAX_WIDTH_PX, path.name
+    names = {p.name.split("_val_")[-1] for p in build_report(gains_store, tmp_path / "again", recipes_dir=None)["plots"]}
+    assert names == {"gains.png", "label_efficiency.png", "class_gains.png", "curves.png"}
