@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="registered methods, their hyperparameters and defaults")
     p.add_argument("--json", action="store_true")
-    sub.add_parser("datasets", help="registered datasets")
+    p = sub.add_parser("datasets", help="registered datasets; --check a dataset on disk")
+    p.add_argument("--check", action="store_true", help="read every image and mask under --data-root and report class counts, sizes and problems")
+    p.add_argument("--data-root", help="dataset folder to check")
+    p.add_argument("--dataset", default="folder", help="registered dataset the folder holds (default folder)")
+    p.add_argument("--json", action="store_true", help="print the check as JSON")
     sub.add_parser("models", help="registered models")
 
     p = sub.add_parser("train", help="train one method")
@@ -87,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", nargs="+", default=[None], help="MLflow tracking URI(s), read as one (default $MLFLOW_TRACKING_URI or sqlite:///runs/mlruns.db)")
     p.add_argument("--recipes", help="recipe folder giving paper numbers to runs that do not log them (default: recipes/)")
     p.add_argument("--out", default="report", help="output folder (default report)")
+
+    p = sub.add_parser("predict", help="segment new images with a checkpoint: class-index PNGs, overlays, predictions.csv")
+    p.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or models:/NAME@ALIAS")
+    p.add_argument("--images", required=True, help="a folder of .png/.jpg/.jpeg images, one image, or a glob (quote it; ** recurses)")
+    p.add_argument("--out", required=True, help="output folder: masks/, overlays/, legend.png, predictions.csv")
+    p.add_argument("--overlay", action="store_true", help="also write colour overlays of each prediction on its image")
+    p.add_argument("--batch-size", type=int, default=4, help="images of one size per forward pass (default 4)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--eval-mode", choices=["whole", "sliding"], help="override the run's evaluation mode (default: the checkpoint's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ checkpoints")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
 
     p = sub.add_parser("doctor", help="check Ray, GPUs, storage and MLflow before a long study")
     p.add_argument("--address", help="Ray cluster address (default: start a local one)")
@@ -152,6 +167,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from raysemi.data.datasets import DATASETS
 
+    if args.check:
+        from raysemi.data.check import check_dataset, format_check
+
+        if not args.data_root:
+            raise RaysemiError("--check needs --data-root, the dataset folder to check")
+        check = check_dataset(args.dataset, args.data_root)
+        print(json.dumps(check.to_dict()) if args.json else format_check(check))
+        return 1 if check.problems else 0
+
     for name in DATASETS.names():
         doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()
         print(f"{name:<11} {doc[0] if doc else ''}")
@@ -213,9 +237,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint
     if checkpoint.startswith("models:/"):
-        from raysemi.engine.registry_models import download_checkpoint
+        from raysemi.engine.registry_models import download_checkpoint, model_card
 
         checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
+        card = model_card(args.checkpoint, args.tracking_uri)
+        if card:
+            print(card)
     overrides = {k: v for k, v in (("dataset", args.dataset), ("root", args.data_root), ("labeled", args.labeled), ("eval_mode", args.eval_mode), ("val_split", args.val_split)) if v is not None}
     result = evaluate_checkpoint(checkpoint, overrides, device=args.device)
     _print_summary(result, args.json, f"val mIoU {result['val_miou']:.4f} ({result['eval_mode']}, {result['dataset']}/{result['val_split']})")
@@ -267,7 +294,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = build_report([resolve_tracking_uri(uri) for uri in args.tracking_uri], args.out, args.experiment, args.runs,
                           args.include_trials, Path(args.recipes) if args.recipes else DEFAULT_RECIPES)
     print(f"{result['runs']} runs in {len(result['sections'])} tables, {result['studies']} studies, "
-          f"{len(result['plots'])} plots -> {result['markdown']}, {result['html']}")
+          f"{len(result['plots'])} plots in {result['plots_dir']} -> {result['markdown']}, {result['html']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from raysemi.engine.predict import find_images, load_predictor, predict_images
+
+    images = find_images(args.images)
+    checkpoint = args.checkpoint
+    if checkpoint.startswith("models:/"):
+        from raysemi.engine.registry_models import download_checkpoint
+
+        checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
+    predictor = load_predictor(checkpoint, args.device, args.eval_mode)
+
+    def warn(message: str) -> None:
+        tqdm.write(f"raysemi predict: warning: {message}", file=sys.stderr)
+
+    summary = predict_images(predictor, images, Path(args.out), warn, overlay=args.overlay,
+                             batch_size=args.batch_size, progress=sys.stderr.isatty())
+    skipped = f" ({len(summary['skipped'])} unreadable, skipped)" if summary["skipped"] else ""
+    line = (f"segmented {summary['images']} images{skipped} with {summary['method']} ({summary['eval_mode']}, "
+            f"resolution scale {summary['resolution_scale']}) -> {summary['masks']}, {summary['csv']}")
+    _print_summary(summary, args.json, line)
     return 0
 
 
@@ -294,6 +348,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": cmd_eval,
     "tune": cmd_tune,
     "report": cmd_report,
+    "predict": cmd_predict,
     "doctor": cmd_doctor,
 }
 

@@ -221,6 +221,7 @@ class Trainer:
             "format": FORMAT_VERSION,
             "method_name": self.cfg.method_name,
             "num_classes": self.loaders.info.num_classes,
+            "class_names": list(self.loaders.info.class_names),
             "iteration": self.iteration,
             "method": self.method.state_dict(),
             "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},

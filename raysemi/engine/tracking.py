@@ -1,13 +1,16 @@
-"""MLflow tracking: a run per training (nested under a study's parent run when tuning), params, per-step and
-per-eval metrics, artifacts (config, split, per-class IoU, confusion matrix, overlays), model registration."""
+"""MLflow tracking: a run per training (nested under a study's parent run when tuning), params, its datasets
+(training split and evaluation splits, the runs table's Dataset column), per-step and per-eval metrics, artifacts
+(config, split, per-class IoU, confusion matrix, overlays), model registration."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +18,8 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from raysemi.config import Config, to_dict
+from raysemi.config import Config, DataConfig, to_dict
+from raysemi.data.datasets import train_split_name
 from raysemi.engine.plots import confusion_png, overlay_grid_png
 from raysemi.errors import ConfigError
 
@@ -79,6 +83,54 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _dataset_source(data: DataConfig) -> Any:
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if data.root is None:
+        return CodeDatasetSource({"dataset": data.dataset, "generator": "raysemi.data.datasets",
+                                  "size": "x".join(map(str, data.synthetic_size))})
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice (schemes "" and "file") and warns that a path matches both
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(Path(data.root).resolve()))
+
+
+def _dataset_input(data: DataConfig, split: str, context: str, digest: str, profile: dict[str, Any]) -> Any:
+    """One MLflow dataset input: name ``<dataset>[:<root folder>]/<split>``, digest the first 12 hex digits of the
+    split's hash (MLflow keeps at most 36 characters; the full hash is in the profile and a tag)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    label = data.dataset if data.root is None else f"{data.dataset}:{Path(data.root).resolve().name}"
+    meta = MetaDataset(_dataset_source(data), name=f"{label}/{split}", digest=digest[:12])
+    entity = Dataset(**meta.to_dict(), profile=json.dumps({"split_hash": digest, **profile}))
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", context), InputTag("raysemi.split_hash", digest)])
+
+
+def _names_digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+
+
+def dataset_inputs(trainer: Trainer) -> list[Any]:
+    """The training split (its split hash, labelled / unlabelled counts, protocol and seed) and each evaluation
+    split (the hash of its sample names, its image count) as MLflow dataset inputs."""
+    data, split = trainer.cfg.data, trainer.loaders.split
+    inputs = [_dataset_input(data, train_split_name(data.dataset, data.root), "training", split.digest(), {
+        "images": len(split.names), "labeled": len(split.labeled), "unlabeled": len(split.unlabeled),
+        "protocol": split.protocol, "split_seed": split.seed, "classes": trainer.loaders.info.num_classes})]
+    evaluated = [("validation", data.val_split, trainer.loaders.val)]
+    if trainer.loaders.test is not None and data.test_split:
+        evaluated.append(("test", data.test_split, trainer.loaders.test))
+    for context, name, loader in evaluated:
+        # the loader holds this rank's shard; the split is the dataset's samples up to val_limit
+        names = loader.dataset.dataset.sample_names()
+        if context == "validation" and data.val_limit > 0:
+            names = names[: data.val_limit]
+        inputs.append(_dataset_input(data, name, context, _names_digest(names), {"images": len(names)}))
+    return inputs
+
+
 class MlflowCallback(Callback):
     """Logs one training run. ``parent_run_id`` nests it under a study run; ``extra_params`` adds e.g. the
     scaling config or a trial id."""
@@ -106,6 +158,7 @@ class MlflowCallback(Callback):
         params.update(
             {
                 "split_digest": trainer.loaders.split.digest(),
+                "num_labeled": len(trainer.loaders.split.labeled),
                 "workers": trainer.runtime.world_size,
                 "global_batch": trainer.cfg.data.batch_size * trainer.runtime.world_size,
                 "lr_scaled": trainer.lr,
@@ -113,6 +166,18 @@ class MlflowCallback(Callback):
             }
         )
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+        inputs = dataset_inputs(trainer)
+        # a study's parent run lists its trials' datasets too (MLflow keeps one entry per dataset and run)
+        for run_id in (self.run_id, self.parent_run_id):
+            if run_id:
+                self._log_inputs(run_id, inputs)
+
+    def _log_inputs(self, run_id: str, inputs: list[Any]) -> None:
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except mlflow.exceptions.MlflowException:
+            # trials of a study logging a new dataset at once race on its primary key; the loser finds it now
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
         self._log_metrics(metrics, iteration)

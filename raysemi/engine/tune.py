@@ -254,6 +254,9 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
     values = to_dict(cfg)
     values["train"] = {**values["train"], "eval_every": budget.eval_every, "checkpoint_every": budget.eval_every}
     values["tracking"] = {**values["tracking"], "uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)}
+    if cfg.data.root:
+        # trials run in Ray's own working directory: a relative data root would point nowhere there
+        values["data"] = {**values["data"], "root": str(Path(cfg.data.root).resolve())}
     if opts.workers_per_trial <= 1:
         values["train"]["threads"] = values["train"]["threads"] or max(1, int(opts.cpus_per_trial))
     values["distributed"] = {**values["distributed"], "workers": opts.workers_per_trial,
