@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from raysemi.errors import ConfigError
-from raysemi.methods.base import coerce_value
+from raysemi.values import coerce_value
 
 EVAL_MODES = ("whole", "sliding", "center_crop")
 
