@@ -146,7 +146,7 @@ def gain_figure(panels: list[GainPanel], title: str, metric: str) -> Any | None:
                Line2D([], [], color="k", marker="|", ls="", label="± sample std over runs (n runs)")]
     if any(p.ceiling is not None for p in panels):
         handles.append(Line2D([], [], color="C3", ls="--", label="supervised, all labels"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), fontsize=7, frameon=False)
     fig.suptitle(f"gain over supervised: {title}", fontsize=9)
     return fig
 
@@ -246,7 +246,7 @@ def curves_figure(curves: list[CurveSet], methods: list[str], metrics: dict[str,
     _drop_unused(fig, list(axes.flat))
     handles = [Line2D([], [], color=colours[p], lw=1.8, label=f"{p} labels") for p in protocols]
     handles.append(Line2D([], [], color="0.3", lw=0.7, label="thin: one run, bold: mean over runs"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), fontsize=7, frameon=False)
     fig.suptitle(f"learning curves: {title}", fontsize=9)
     return fig
 
