@@ -83,13 +83,13 @@ class ResizedSamples:
         hit = self._store.get(index)
         if hit is not None:
             image, mask, size = hit
-            return image.clone(), mask.long(), size
+            return image, mask.long(), size  # the views never write into their input image
         image, mask = self.dataset.load(index)
         size = (int(image.shape[-2]), int(image.shape[-1]))
         image, mask = resize_pair(image, mask, self.scale)
         if self.cache:
             small = mask.to(torch.uint8) if int(mask.min()) >= 0 and int(mask.max()) <= 255 else mask
-            self._store[index] = (image.clone(), small, size)
+            self._store[index] = (image, small, size)
         return image, mask, size
 
 

@@ -95,11 +95,11 @@ def claim(out: Path, resume: bool, overwrite: bool) -> RunFolderLock:
 
 def check_resume(saved: dict[str, Any], resumed: dict[str, Any], out: Path) -> None:
     """Fail naming the first key in ``FROZEN_ON_RESUME`` whose value differs between the saved and the resumed
-    config (both plain dicts, as ``config.to_dict`` gives them)."""
+    config (both plain dicts with lists, as ``config.to_dict`` and the saved YAML give them)."""
     for section, key in FROZEN_ON_RESUME:
         before = saved.get(section, {}) if key is None else saved.get(section, {}).get(key)
         after = resumed.get(section, {}) if key is None else resumed.get(section, {}).get(key)
-        if _plain(before) != _plain(after):
+        if before != after:
             name = section if key is None else f"{section}.{key}"
             raise ConfigError(
                 f"{out}: --resume cannot change {name} ({_short(before)} -> {_short(after)}); the run was made with "
@@ -107,14 +107,6 @@ def check_resume(saved: dict[str, Any], resumed: dict[str, Any], out: Path) -> N
             )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def _short(value: Any) -> str:
-    text = repr(_plain(value))
+    text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
