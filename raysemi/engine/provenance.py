@@ -9,13 +9,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from raysemi.bundled import CHECKOUT
+
 PACKAGES = ("raysemi", "torch", "torchvision", "ray", "optuna", "mlflow", "numpy")
 
 
 def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+    """The source checkout's commit; None for an installed wheel, whose folder is site-packages (asking git there
+    would record the commit of whatever repository holds the virtualenv)."""
+    if not (CHECKOUT / ".git").exists():
+        return None
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysemi.bundled import SEARCH_SPACES, bundled_dir
 from raysemi.config import SECTIONS, from_dict, load_yaml, merge
 from raysemi.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "log1m", "int", "choice")
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 COMPLEMENT_PREFIX = "1-"
 
 
@@ -121,7 +121,8 @@ def _param_dict(p: Param) -> dict[str, Any]:
 
 
 def default_space_path(method: str) -> Path:
-    return SPACES_DIR / f"{method}.yaml"
+    """The space ``raysemi tune`` searches for ``method`` when no ``--space`` is given (shipped with the package)."""
+    return bundled_dir(SEARCH_SPACES) / f"{method}.yaml"
 
 
 def load_space(path: str | Path, method: str, base: dict[str, Any] | None = None) -> SearchSpace:
