@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from raysemi.errors import ConfigError
 from raysemi.values import coerce_value
 
 EVAL_MODES = ("whole", "sliding", "center_crop")
+#: The devices the loop runs on (AMP, the GradScaler and NCCL assume CPU or CUDA).
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -121,6 +124,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.iters < 1:
             raise ConfigError(f"train.iters: must be >= 1, got {self.iters}")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass
@@ -273,7 +278,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a YAML text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -15,3 +15,7 @@ class DataError(RaysemiError):
 
 class CheckpointError(RaysemiError):
     """A checkpoint is missing, corrupt or incompatible with the run."""
+
+
+class RaysemiWarning(UserWarning):
+    """Something the user should look at that does not stop the command; the CLI prints it as one line."""

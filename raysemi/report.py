@@ -26,6 +26,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from raysemi.bundled import RECIPES, bundled_dir
 from raysemi.errors import ConfigError
 from raysemi.report_plots import (
     CurveSet,
@@ -51,7 +52,7 @@ CURVE_LABELS = {"val/miou": "val mIoU (%)", "loss/sup": "supervised loss (cross-
 NUM_LABELED = "num_labeled"
 SECTION_KEYS = ("data.dataset", "model.name", "data.eval_mode", "train.iters")
 BASELINE = "supervised"
-DEFAULT_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPES = bundled_dir(RECIPES)
 
 
 @dataclass
@@ -545,13 +546,12 @@ def _find_run(client: Any, run_id: str) -> Any | None:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlruns.db`` (where ``raysemi train`` writes by
-    default); a sqlite store must exist (MLflow would silently create an empty one)."""
+    default); a sqlite store must exist and be one (``tracking.existing_store``)."""
     import os
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlruns.db').resolve()}"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ConfigError(f"no MLflow store at {uri} (--tracking-uri)")
-    return uri
+    from raysemi.engine.tracking import existing_store
+
+    return existing_store(uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlruns.db').resolve()}")
 
 
 def build_report(tracking_uris: str | list[str], out: str | Path, experiments: list[str] | None = None,

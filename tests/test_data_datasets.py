@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from raysemi.data.datasets import DATASETS, build_dataset, train_split_name
-from raysemi.errors import ConfigError, DataError
+from raysemi.errors import ConfigError, DataError, RaysemiWarning
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 
@@ -90,8 +90,10 @@ def make_folder_tree(root: Path) -> None:
 
 def test_folder_infers_class_count_over_all_splits(tmp_path: Path) -> None:
     make_folder_tree(tmp_path)
-    train = build_dataset("folder", "train", tmp_path)
-    val = build_dataset("folder", "val", tmp_path)
+    # no mask holds label 1: the inferred count keeps it, and says so (infer_class_count's policy)
+    with pytest.warns(RaysemiWarning, match=r"train/a\.png: label 2 makes 3 classes, but no mask under .* holds label 1;"):
+        train = build_dataset("folder", "train", tmp_path)
+        val = build_dataset("folder", "val", tmp_path)
     assert train.num_classes == val.num_classes == 3
     assert train.sample_names() == ["a.png", "b.jpg"]
     image, mask = train.load(1)

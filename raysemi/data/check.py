@@ -24,6 +24,8 @@ from raysemi.data.datasets import (
     build_dataset,
     image_header_size,
     read_label_png,
+    read_text_lines,
+    require_utf8_names,
     train_split_name,
 )
 from raysemi.errors import ConfigError, DataError
@@ -98,6 +100,7 @@ def _folder_samples(root: Path) -> tuple[dict[str, list[SampleFiles]], list[str]
     for split_dir in sorted(p for p in images_root.iterdir() if p.is_dir()):
         masks = root / "masks" / split_dir.name
         files = sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        require_utf8_names(files)
         items = []
         for image in files:
             mask = masks / f"{image.stem}.png"
@@ -117,7 +120,7 @@ def _folder_samples(root: Path) -> tuple[dict[str, list[SampleFiles]], list[str]
 def _folder_classes(root: Path, largest: int) -> tuple[tuple[str, ...], str]:
     classes_file = root / "classes.txt"
     if classes_file.is_file():
-        names = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
+        names = tuple(line.strip() for line in read_text_lines(classes_file) if line.strip())
         return names, "classes.txt"
     return tuple(f"class_{i}" for i in range(largest + 1)), "the largest mask label (no classes.txt)"
 

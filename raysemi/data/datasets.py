@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import colorsys
 import inspect
+import os
+import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from raysemi.errors import ConfigError, DataError
+from raysemi.errors import ConfigError, DataError, RaysemiWarning
 from raysemi.registry import Registry
 
 IGNORE = 255
@@ -107,6 +109,33 @@ def train_split_name(name: str, root: str | Path | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- file reading
+
+
+def printable(path: Path) -> str:
+    """``path`` for a message: bytes of a name that is not UTF-8 shown as ``\\xff`` (printing the surrogates
+    Python decodes them to would fail)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def require_utf8_names(paths: Iterable[Path]) -> None:
+    """File names become sample names, which split lists, checkpoints and MLflow store as UTF-8 text: a name that
+    is not valid UTF-8 is refused naming the file, before anything is written."""
+    for path in paths:
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{printable(path)}: file name is not valid UTF-8; rename the file") from None
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (class lists, split lists); anything else is a DataError naming the file and
+    the first byte that is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -233,7 +262,9 @@ class CamVid(FileSegDataset):
         self.root = root
         images = require_dir(root / split)
         masks = require_dir(root / f"{split}annot")
-        self.items = [SampleFiles(p.name, p, masks / p.name) for p in sorted(images.glob("*.png"))]
+        files = sorted(images.glob("*.png"))
+        require_utf8_names(files)
+        self.items = [SampleFiles(p.name, p, masks / p.name) for p in files]
 
     def fixed_split(self, protocol: str, seed: int) -> Path | None:
         folder = self.root / "splits" / protocol.replace("/", "_")
@@ -268,7 +299,7 @@ class PascalVOC(FileSegDataset):
         listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not listing.is_file():
             raise DataError(f"{listing}: split list not found")
-        names = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+        names = [line.split()[0] for line in read_text_lines(listing) if line.strip()]
         mask_dirs = [root / d for d in ("SegmentationClassAug", "SegmentationClass") if (root / d).is_dir()]
         if not mask_dirs:
             raise DataError(f"{root / 'SegmentationClass'}: folder not found")
@@ -343,13 +374,15 @@ class Cityscapes(FileSegDataset):
         images = require_dir(root / "leftImg8bit" / split)
         labels = require_dir(root / "gtFine" / split)
         suffix = "_leftImg8bit.png"
+        files = sorted(images.glob(f"*/*{suffix}"))
+        require_utf8_names(files)
         self.items = [
             SampleFiles(
                 p.name[: -len(suffix)],
                 p,
                 labels / p.parent.name / p.name.replace(suffix, "_gtFine_labelIds.png"),
             )
-            for p in sorted(images.glob(f"*/*{suffix}"))
+            for p in files
         ]
 
     def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -382,20 +415,22 @@ class ImageFolder(FileSegDataset):
     """``<root>/images/<split>/*.{png,jpg,jpeg}`` with ``<root>/masks/<split>/<stem>.png`` class-index PNGs
     (255 = ignore) and optional ``<root>/classes.txt`` (one name per line). Without ``classes.txt`` the class
     count is the largest label + 1 over every split under ``masks/`` (scanned once), so that the train and val
-    splits agree on it. Sample names are image file names."""
+    splits agree on it (``infer_class_count``: a gap below the largest label is warned about, not refused).
+    Sample names are image file names."""
 
     def __init__(self, split: str, root: Path) -> None:
         super().__init__(split)
         images = require_dir(root / "images" / split)
         masks = require_dir(root / "masks" / split)
         files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        require_utf8_names(files)
         self.items = [SampleFiles(p.name, p, masks / f"{p.stem}.png") for p in files]
         for item in self.items:
             if not item.mask.is_file():
                 raise DataError(f"{item.mask}: mask not found for image {item.image.name}")
         classes_file = root / "classes.txt"
         if classes_file.is_file():
-            names = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
+            names = tuple(line.strip() for line in read_text_lines(classes_file) if line.strip())
         else:
             names = tuple(f"class_{i}" for i in range(infer_class_count(root / "masks")))
         if not names:
@@ -405,12 +440,32 @@ class ImageFolder(FileSegDataset):
 
 
 def infer_class_count(masks_root: Path) -> int:
-    largest = -1
+    """The largest label + 1 over every mask under ``masks_root``.
+
+    Policy for labels that no mask holds below the largest one (a stray 200 among labels 0-6 makes 201 classes):
+    a warning (:class:`RaysemiWarning`) naming the mask that holds the largest label, the value and the missing
+    labels, not a refusal. Without ``classes.txt`` nothing says which ids are classes, and a class that no mask
+    holds is legitimate (a rare class left out of a small dataset); with ``classes.txt`` a label outside it is
+    refused (``check_labels``), which is how to make the warning an error."""
+    present = np.zeros(IGNORE, dtype=bool)
+    largest, largest_file = -1, None
     for path in sorted(masks_root.glob("*/*.png")):
         labels = check_labels(read_label_png(path), IGNORE, path)
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[:IGNORE])
-        if present.size:
-            largest = max(largest, int(present[-1]))
+        found = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[:IGNORE])
+        present[found] = True
+        if found.size and int(found[-1]) > largest:
+            largest, largest_file = int(found[-1]), path
+    missing = np.flatnonzero(~present[: largest + 1])
+    if missing.size:
+        runs = np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1)
+        shown = ", ".join(str(r[0]) if r.size == 1 else f"{r[0]}-{r[-1]}" for r in runs[:5])
+        warnings.warn(
+            f"{largest_file}: label {largest} makes {largest + 1} classes, but no mask under {masks_root} holds "
+            f"label {shown}{', ...' if len(runs) > 5 else ''}; fix a stray value, or list the classes in "
+            f"{masks_root.parent / 'classes.txt'}",
+            RaysemiWarning,
+            stacklevel=2,
+        )
     return largest + 1
 
 

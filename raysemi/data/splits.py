@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysemi.data.datasets import SegDataset
+from raysemi.data.datasets import SegDataset, read_text_lines
 from raysemi.errors import DataError
 
 MAX_ATTEMPTS = 100
@@ -103,7 +103,10 @@ def make_split(dataset: SegDataset, protocol: str, seed: int = 0) -> Split:
 def _labeled_count(protocol: str, n: int) -> int:
     if COUNT.match(protocol):
         return int(protocol)
-    fraction = Fraction(protocol.replace(" ", ""))
+    try:
+        fraction = Fraction(protocol.replace(" ", ""))
+    except ZeroDivisionError:
+        raise DataError(f"labeled {protocol!r}: a fraction must be in (0, 1], its denominator is 0") from None
     if not 0 < fraction <= 1:
         raise DataError(f"labeled {protocol!r}: a fraction must be in (0, 1]")
     return round(n * fraction)
@@ -146,7 +149,7 @@ def _read_names(path: Path, names: list[str]) -> list[int]:
     table = _lookup(names)
     indices: list[int] = []
     seen: set[int] = set()
-    for line in path.read_text().splitlines():
+    for line in read_text_lines(path):
         if not line.strip():
             continue
         token = line.split()[0]

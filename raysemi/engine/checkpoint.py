@@ -16,6 +16,8 @@ from raysemi.errors import CheckpointError
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+#: What every reader needs besides the weights: the run's resolved config and the classes the head predicts.
+REQUIRED_KEYS = ("method_name", "num_classes", "config")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -34,6 +36,13 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Remove the temporary files ``save_atomic`` leaves in ``folder`` when it is killed mid-write; call it only
+    where no other process can be writing there (under the run folder's lock)."""
+    for path in folder.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def resolve_state_file(path: str | Path) -> Path:
@@ -55,4 +64,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "method" not in state:
         raise CheckpointError(f"{p}: not a raysemi checkpoint (format {FORMAT_VERSION} expected)")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{p}: incomplete raysemi checkpoint, no {', '.join(missing)} (eval, predict and resume rebuild the run from them)")
     return state

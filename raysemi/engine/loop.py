@@ -25,7 +25,7 @@ from raysemi.config import Config, dump, to_dict
 from raysemi.data.loaders import Loaders, build_loaders
 from raysemi.engine.checkpoint import FORMAT_VERSION, load_state, save_atomic
 from raysemi.engine.evaluate import evaluate
-from raysemi.errors import CheckpointError
+from raysemi.errors import CheckpointError, ConfigError
 from raysemi.methods import METHODS, Method, Progress, build_method
 from raysemi.methods.base import REPORTED_NET
 from raysemi.methods.components import all_reduce_sum
@@ -50,7 +50,14 @@ class Runtime:
     def device(self, cfg: Config) -> torch.device:
         if cfg.train.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(cfg.train.device)
+        device = torch.device(cfg.train.device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ConfigError(f"train.device {cfg.train.device}: no CUDA device is available; use auto or cpu")
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"train.device {cfg.train.device}: only {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+        return device
 
     def wrap(self, method: Method) -> nn.Module:
         return method

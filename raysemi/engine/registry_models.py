@@ -174,12 +174,13 @@ def _model_version(uri: str, tracking_uri: str | None) -> tuple[str, Any]:
     """(store, MLflow ModelVersion) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
 
-    from raysemi.engine.tracking import mlflow_client
+    from raysemi.engine.tracking import existing_store, mlflow_client
 
     match = _MODEL_URI.match(uri)
     if match is None:
         raise CheckpointError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    store = tracking_uri or default_registry_uri()
+    # only a store the user named is checked: the default one may not exist yet where tune has not run
+    store = existing_store(tracking_uri) if tracking_uri else default_registry_uri()
     client = mlflow_client(store)
     name, alias, version = match["name"], match["alias"], match["version"]
     try:

@@ -3,7 +3,9 @@
 - A folder that already holds a run (its ``config.yaml``, ``summary.json`` or ``checkpoints/last.pt``) is refused
   unless ``--resume`` (continue it) or ``--overwrite`` (replace it: the old run's files are removed first).
 - One writer at a time: the command holds an exclusive lock on ``<out>/.raysemi.lock`` for its whole run, so a second
-  command on the same folder stops at once instead of the last writer silently winning.
+  command on the same folder stops at once instead of the last writer silently winning. Holding it, the command
+  removes the temporary checkpoint files a killed writer left in ``<out>/checkpoints``.
+- A folder that cannot be written (read-only, or below a file) is refused before anything is changed in it.
 - ``--resume`` starts from the run's saved ``config.yaml`` (flags given again are applied on top) and refuses any
   change that would make the run's record false: the method and its hyperparameters, the model, the dataset, the
   labelled split, the seed and the iteration budget.
@@ -14,9 +16,11 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from raysemi.engine.checkpoint import remove_stale_temp_files
 from raysemi.errors import ConfigError
 
 LOCK_NAME = ".raysemi.lock"
@@ -44,7 +48,7 @@ class RunFolderLock:
     (also after ``kill -9``: the kernel drops the lock with the file descriptor)."""
 
     def __init__(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+        require_writable(out)
         self.path = out / LOCK_NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -64,6 +68,20 @@ class RunFolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def require_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be made in it, so a run folder that cannot be written fails before the
+    run starts (a lock file left by an earlier run would not show it)."""
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"{out}: cannot create the run folder, {blocker} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".raysemi-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the run folder ({exc.strerror}); choose another --out") from None
 
 
 def existing_run(out: Path) -> str | None:
@@ -87,6 +105,8 @@ def claim(out: Path, resume: bool, overwrite: bool) -> RunFolderLock:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
+        # the lock proves no other writer: temporary checkpoint files here are left by a killed one
+        remove_stale_temp_files(out / "checkpoints")
     except BaseException:
         lock.close()
         raise

@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -36,6 +38,49 @@ def default_tracking_uri(out_dir: str | Path) -> str:
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def existing_store(uri: str) -> str:
+    """``uri``, for a command that only reads: MLflow would create an empty store at a sqlite path that does not
+    exist, and its tables inside any other file, so a missing file, one that is no SQLite database and a database
+    without MLflow's tables are refused. Other stores (servers, folders) are returned as they are."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return uri
+    if not path.is_file():
+        raise ConfigError(f"no MLflow store at {uri} (--tracking-uri)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: not an MLflow store ({exc}) (--tracking-uri {uri})") from None
+    if tables is None:
+        raise ConfigError(f"{path}: not an MLflow store (no MLflow tables in it) (--tracking-uri {uri})")
+    return uri
+
+
+def require_writable_store(uri: str) -> None:
+    """Fail before a run writes anything when its sqlite store, or the folder where sqlite keeps its journal, cannot
+    be written (MLflow would fail only at the run's first log call)."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    where = path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where, prefix=".raysemi-write-test-"):
+            pass
+        where = path
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot write the MLflow store {uri} ({exc.strerror}); --tracking-uri another "
+                          "store or --no-mlflow") from None
 
 
 def mlflow_client(uri: str) -> MlflowClient:
@@ -142,6 +187,7 @@ class MlflowCallback(Callback):
         self.run_name = run_name or Path(cfg.out).name
         self.extra_params = extra_params or {}
         self.run_id: str | None = None
+        require_writable_store(self.uri)
         self.client = mlflow_client(self.uri)
 
     def on_start(self, trainer: Trainer) -> None:

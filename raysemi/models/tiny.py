@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raysemi.models.backbone_weights import load_backbone_weights
 from raysemi.models.registry import SegModel, register_model, upsample
 
 
@@ -47,5 +48,5 @@ class TinySeg(SegModel):
 def tiny(num_classes: int, in_channels: int = 3, weights: str | None = None, **kwargs: Any) -> TinySeg:
     model = TinySeg(num_classes, in_channels, **kwargs)
     if weights is not None:
-        model.backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        load_backbone_weights(model.backbone, weights, "tiny", first_conv_key="0.0.weight")
     return model
