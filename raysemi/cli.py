@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from raysemi.errors import RaysemiError
+from raysemi.errors import RaysemiError, RaysemiWarning
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="hyperparameter study: Ray Tune + Optuna + ASHA, MLflow runs, registered champion")
     _add_run_args(p)
-    p.add_argument("--space", help="search-space YAML (default search_spaces/<method>.yaml)")
+    p.add_argument("--methods", help="search the method too: comma-separated methods (mt,cutmix,classmix,cps) or all (every image-only method)")
+    p.add_argument("--space", help="search-space YAML (default search_spaces/<method>.yaml); with --methods a folder of <method>.yaml files (a method without one uses its default)")
     p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
     p.add_argument("--workers-per-trial", type=int, default=0, help="Ray Train workers per trial; <= 1 runs the loop in the trial process")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (per worker when workers > 1)")
@@ -79,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-trials", type=int, help="random trials before TPE takes over (default: a quarter of --trials, 2 to 10)")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
     p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
-    p.add_argument("--name", help="study name (default <dataset>-<method>); the study folder is <out>/<name>")
+    p.add_argument("--name", help="study name (default <dataset>-<method>, or <dataset>-methods with --methods); the study folder is <out>/<name>")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p.add_argument("--out", dest="study_out", default="runs/tune", help="folder of studies (default runs/tune)")
-    p.add_argument("--model-name", help="registered model name (default: the study name)")
+    p.add_argument("--model-name", help="registered model name (default: the study name, or the dataset with --methods)")
 
     p = sub.add_parser("report", help="compare finished MLflow training runs: report.md, report.html and plots")
     p.add_argument("--experiment", nargs="+", default=[], help="MLflow experiment name(s) (default: every experiment)")
@@ -250,15 +252,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raysemi.engine.tune import DEFAULT_ITERS, TuneOptions, format_leaderboard, quick_settings, run_study
+    from raysemi.engine.tune import (
+        DEFAULT_ITERS,
+        TuneOptions,
+        format_leaderboard,
+        quick_settings,
+        resolve_methods,
+        run_study,
+    )
 
-    if not args.method:
-        raise RaysemiError("--method is required")
+    if bool(args.method) == bool(args.methods):
+        raise RaysemiError("tune: give --method NAME for one method or --methods A,B (or all) to search the method too")
+    methods = resolve_methods(args.methods) if args.methods else ()
+    if methods:
+        method_sets = [item for item in args.set if item.strip().startswith("method.")]
+        if method_sets:
+            raise RaysemiError(f"--set {method_sets[0]}: a multi-method study runs each method at its defaults; "
+                               "put method values in a space file (--space FOLDER/<method>.yaml)")
+        args.method = methods[0]  # the shared config's method; each trial sets its own
     if args.iters is None and not args.config:
         args.iters = DEFAULT_ITERS
     dataset = args.dataset or "synthetic"
     model = args.model or ("tiny" if dataset == "synthetic" else "lraspp_mobilenet_v3")
-    args.set = quick_settings(args.method, dataset, model, args.set) + args.set
+    if not methods:
+        args.set = quick_settings(args.method, dataset, model, args.set) + args.set
     cfg = run_config_from_args(args)
     opts = TuneOptions(
         space=args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
@@ -266,7 +283,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         searcher=args.searcher, scheduler=args.scheduler, reduction_factor=args.reduction_factor,
         startup_trials=args.startup_trials,
         address=args.address, storage=args.storage, name=args.name, resume=args.resume, out=args.study_out,
-        model_name=args.model_name, seed=cfg.train.seed,
+        model_name=args.model_name, seed=cfg.train.seed, methods=methods,
     )
     summary = run_study(cfg, opts)
     print(format_leaderboard(summary["leaderboard"], summary["metric"]))
@@ -276,11 +293,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     registered = summary.get("registered") or {}
     if registered:
         alias = "now champion" if registered["champion_moved"] else "champion unchanged"
-        print(f"best trial {summary['best_trial']}: {summary['metric']} {summary['best_metric']:.4f} -> "
+        print(f"best trial {summary['best_trial']} ({summary['best_method']}): {summary['metric']} {summary['best_metric']:.4f} -> "
               f"models:/{registered['model_name']}/{registered['version']} ({alias})")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}  (parent run {summary['parent_run_id']})")
     if args.json:
-        keys = ("study", "best_trial", "best_params", "best_metric", "parent_run_id", "tracking_uri", "study_dir")
+        keys = ("study", "best_trial", "best_method", "best_params", "best_metric", "method_best", "parent_run_id",
+                "tracking_uri", "study_dir")
         print(json.dumps({**{k: summary.get(k) for k in keys}, "model_name": registered.get("model_name"),
                           "model_version": registered.get("version"), "champion_moved": registered.get("champion_moved")}, default=str))
     return 0
@@ -353,11 +371,27 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show each RaysemiWarning once, as one ``raysemi <command>: warning: ...`` line; other warnings as usual."""
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, RaysemiWarning):
+            print(f"raysemi {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", RaysemiWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            _one_line_warnings(args.command)
+            return COMMANDS[args.command](args)
     except RaysemiError as exc:
         print(f"raysemi {args.command}: error: {exc}", file=sys.stderr)
         return 2

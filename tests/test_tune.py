@@ -1,5 +1,6 @@
 """raysemi tune: search-space files, the ASHA budget rule, a 3-trial study with MLflow parent/child runs and a
-registered champion, resume after an interrupted driver, and the MLflow REST API as the UI reads it."""
+registered champion, a multi-method study (the method searched too) resumed after an interrupted driver, and the
+MLflow REST API as the UI reads it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,17 @@ import yaml
 from raysemi.cli import main
 from raysemi.config import from_dict
 from raysemi.engine.search_space import default_space_path, load_space
-from raysemi.engine.tune import TuneOptions, plan_budget, quick_settings, startup_trials
+from raysemi.engine.study_report import TrialRow
+from raysemi.engine.tune import (
+    MethodChoice,
+    TuneOptions,
+    _check_same_spaces,
+    plan_budget,
+    quick_settings,
+    resolve_methods,
+    startup_trials,
+    trial_choice,
+)
 from raysemi.errors import ConfigError
 from raysemi.methods import METHODS
 
@@ -121,6 +132,91 @@ def _space_file(folder: Path) -> Path:
     path = folder / "lr.yaml"
     path.write_text(yaml.safe_dump(SPACE))
     return path
+
+
+# mt searches its consistency weight too; the random sampler with seed 0 draws supervised, supervised, mt
+MT_SPACE = {**SPACE, "params": {**SPACE["params"], "cons_weight": {"type": "choice", "values": [1.0, 10.0]}}}
+
+
+def _space_folder(folder: Path) -> Path:
+    spaces = folder / "spaces"
+    spaces.mkdir()
+    (spaces / "supervised.yaml").write_text(yaml.safe_dump(SPACE))
+    (spaces / "mt.yaml").write_text(yaml.safe_dump(MT_SPACE))
+    return spaces
+
+
+def test_a_multi_method_space_samples_only_the_chosen_methods_values(tmp_path: Path) -> None:
+    import optuna
+    from ray.tune.utils.util import unflatten_dict
+
+    folder = _space_folder(tmp_path)
+    spaces = {m: load_space(folder / f"{m}.yaml", m) for m in ("mt", "supervised")}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), direction="maximize")
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        MethodChoice(spaces)(trial)
+        method, sampled = trial_choice(unflatten_dict(trial.params), spaces)  # as Ray Tune hands the trial its config
+        seen.add(method)
+        expected = {"optim.lr", "cons_weight"} if method == "mt" else {"optim.lr"}
+        assert set(spaces[method].decode(sampled)) == expected
+        assert {k.split("/")[0] for k in trial.params} == {"method", method}
+        study.tell(trial, 0.0)
+    assert seen == {"mt", "supervised"}
+
+
+def test_method_lists_resolve_and_all_means_every_image_only_method() -> None:
+    assert resolve_methods("mt, cutmix,mt") == ("mt", "cutmix")
+    every = resolve_methods("all")
+    assert "selfcorr" not in every and set(every) == set(METHODS.names()) - {"selfcorr"}
+    with pytest.raises(ConfigError, match="unknown method 'mtt'"):
+        resolve_methods("mt,mtt")
+    with pytest.raises(ConfigError, match="at least two"):
+        resolve_methods("mt")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--methods", "mt,supervised", "--space", "SPACES", "--set", "train.eval_every=5"], "cutmix_prob"),
+    (["--methods", "mt,supervised", "--set", "method.cons_weight=3"], "--set method.cons_weight=3"),
+    (["--methods", "mt,supervised", "--method", "mt"], "--method NAME for one method or --methods"),
+    (["--methods", "mt,supervised", "--searcher", "grid"], "--searcher grid"),
+])
+def test_multi_method_studies_refuse_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            argv: list[str], expected: str) -> None:
+    folder = _space_folder(tmp_path)
+    # mt's file names a hyperparameter of cutmix: refused before Ray starts, naming the file and the key
+    (folder / "mt.yaml").write_text(yaml.safe_dump({**SPACE, "params": {"cutmix_prob": {"type": "uniform", "low": 0.1, "high": 0.5}}}))
+    argv = [str(folder) if a == "SPACES" else a for a in argv]
+    assert main(["tune", *argv, "--out", str(tmp_path / "studies"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "studies").exists()
+
+
+def test_resuming_with_a_changed_space_names_the_changed_parameter(tmp_path: Path) -> None:
+    space = load_space(_space_file(tmp_path), "supervised")
+    saved = {"supervised": space.as_dict()}
+    _check_same_spaces(saved, saved, {"supervised": space}, tmp_path)  # unchanged: resumes
+    _check_same_spaces(None, saved, {"supervised": space}, tmp_path)  # an older record without spaces
+    changed = {"supervised": {**space.as_dict(), "params": {"optim.lr": {"type": "choice", "values": [0.1]}}}}
+    with pytest.raises(ConfigError, match=r"lr.yaml: the search space changed since the study started \(params optim.lr\)"):
+        _check_same_spaces(saved, changed, {"supervised": space}, tmp_path)
+    with pytest.raises(ConfigError, match="searched methods supervised, not mt"):
+        _check_same_spaces(saved, {"mt": space.as_dict()}, {"mt": space}, tmp_path)
+
+
+def test_the_method_leaderboard_keeps_each_methods_best_trial(tmp_path: Path) -> None:
+    from raysemi.engine.study_report import write_method_leaderboard
+
+    rows = [TrialRow("t2", {"optim.lr": 0.03}, 0.6, 20, "completed", "c2", method="supervised"),
+            TrialRow("t1", {"optim.lr": 0.03, "cons_weight": 1.0}, 0.5, 20, "completed", "c1", method="mt"),
+            TrialRow("t3", {"optim.lr": 1e-5}, 0.1, 5, "early-stopped", "c3", method="supervised"),
+            TrialRow("t4", {"optim.lr": 1e-5, "cons_weight": 10.0}, None, 0, "not-started", None, method="mt")]
+    board = write_method_leaderboard(rows, "val/miou", tmp_path)
+    assert {m: r.trial_id for m, r in board["best"].items()} == {"supervised": "t2", "mt": "t1"}
+    lines = (tmp_path / "methods.csv").read_text().splitlines()
+    assert lines[1].startswith("supervised,2,1,0.6,t2,") and lines[2].startswith("mt,2,1,0.5,t1,")
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +334,11 @@ def test_mlflow_server_serves_the_study_as_the_ui_reads_it(study: dict) -> None:
 
 
 @pytest.mark.ray
-def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
+def test_interrupted_multi_method_study_resumes_and_registers_its_champion_with_its_method(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    args = [*STUDY_ARGS, "--space", str(_space_file(tmp_path)), "--out", str(tmp_path), "--tracking-uri", uri,
+    args = [*(a for a in STUDY_ARGS if a not in ("--method", "supervised")), "--methods", "mt,supervised",
+            "--space", str(_space_folder(tmp_path)), "--out", str(tmp_path), "--tracking-uri", uri,
             "--scheduler", "none", "--name", "resumable"]
     study_dir = tmp_path / "resumable"
     driver = subprocess.Popen([sys.executable, "-m", "raysemi.cli", "tune", *args], stdout=subprocess.DEVNULL,
@@ -259,12 +357,27 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path: P
             os.killpg(driver.pid, signal.SIGKILL)
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (study_dir / "trials").glob("*/summary.json")}
     assert len(finished) >= 1
-    assert main(["tune", *args, "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["tune", *args, "--resume", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     after = {p.parent.name: p.stat().st_mtime_ns for p in (study_dir / "trials").glob("*/summary.json")}
     assert len(after) == 3 and all(after[t] == finished[t] for t in finished)
     assert _complete_optuna_trials(study_dir / "optuna.db") == 3
     parent = json.loads((study_dir / "study.json").read_text())["parent_run_id"]
-    assert len(_children(uri, parent)) == 3
+    children = _children(uri, parent)
+    assert len(children) == 3
+    methods = {c.data.params["method.name"] for c in children}
+    assert methods == {"mt", "supervised"}
+    for child in children:  # each trial got only its own method's values
+        searched = {k for k in child.data.params if k.startswith("search.")}
+        mine = {"search.optim.lr", "search.cons_weight"} if child.data.params["method.name"] == "mt" else {"search.optim.lr"}
+        assert searched == mine
+    from mlflow.tracking import MlflowClient
+
+    assert summary["model_name"] == "synthetic" and set(summary["method_best"]) == methods
+    champion = MlflowClient(uri).get_model_version_by_alias("synthetic", "champion")
+    assert champion.tags["raysemi.method"] == summary["best_method"] and str(champion.version) == summary["model_version"]
+    assert "method" in (study_dir / "methods.csv").read_text().splitlines()[0]
 
 
 def _complete_optuna_trials(db: Path) -> int:
@@ -288,7 +401,7 @@ def test_a_trial_with_two_workers_trains_in_a_torch_trainer_inside_tune(tmp_path
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["best_metric"] is not None and summary["model_version"] == "1"
     header, row = (Path(summary["study_dir"]) / "leaderboard.csv").read_text().splitlines()
-    assert row.split(",")[3:5] == ["6", "completed"], header
+    assert row.split(",")[4:6] == ["6", "completed"], header
     [child] = _children(uri, summary["parent_run_id"])
     assert child.data.params["distributed.workers"] == "2" and "val/miou" in child.data.metrics
     assert child.data.tags["raysemi.trial_status"] == "completed"

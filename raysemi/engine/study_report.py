@@ -1,42 +1,64 @@
-"""The end of a study: child-run statuses, leaderboard (CSV + Markdown), Optuna's optimisation-history and
-parameter-importance plots, the parent run's best metric, and the best checkpoint registered as a model."""
+"""The end of a study: child-run statuses, leaderboard (CSV + Markdown; per method too for a multi-method
+study), Optuna's optimisation-history and parameter-importance plots, the parent run's best metric, and the best
+checkpoint registered as a model. The study's trial rows are defined here; ``tune`` imports them (not the reverse)."""
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raysemi.config import Config
 
-if TYPE_CHECKING:
-    from raysemi.engine.search_space import SearchSpace
-    from raysemi.engine.tune import TrialRow
-
 MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "error": "FAILED", "not-started": "KILLED"}
+OPTUNA_FILE = "optuna.db"
 
 
-def finish(cfg: Config, space: SearchSpace, rows: list[TrialRow], study_dir: Path, study: dict[str, Any],
-           model_name: str) -> dict[str, Any]:
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    best: float | None
+    iterations: int
+    status: str
+    checkpoint: str | None
+    started_at: float | None = None
+    method: str = ""
+
+
+def finish(cfg: Config, metric: str, rows: list[TrialRow], study_dir: Path, study: dict[str, Any],
+           model_name: str, per_method: bool = False) -> dict[str, Any]:
+    """Rows come best first. ``per_method``: also the best trial of each method, in ``methods.md``/``.csv`` and
+    as the parent's ``best_<metric>.<method>`` metrics."""
     from raysemi.engine.tracking import mlflow_client
 
     uri, parent = study["tracking_uri"], study["parent_run_id"]
     client = mlflow_client(uri)
     if cfg.tracking.enabled:
-        _close_child_runs(client, study["experiment_id"], parent, rows, space.metric)
-    board = write_leaderboard(rows, space.metric, study_dir)
+        _close_child_runs(client, study["experiment_id"], parent, rows, metric)
+    board = write_leaderboard(rows, metric, study_dir)
     client.log_artifact(parent, str(board["csv"]), "leaderboard")
     client.log_artifact(parent, str(board["md"]), "leaderboard")
+    result: dict[str, Any] = {"leaderboard_csv": str(board["csv"])}
+    if per_method:
+        methods = write_method_leaderboard(rows, metric, study_dir)
+        for path in methods["files"]:
+            client.log_artifact(parent, str(path), "leaderboard")
+        for method, row in methods["best"].items():
+            client.log_metric(parent, f"best_{metric}.{method}", row.best)
+        result["method_best"] = {m: {"trial_id": r.trial_id, "best": r.best, "params": r.params}
+                                 for m, r in methods["best"].items()}
     plots = optuna_plots(study_dir, study["name"])
     for plot in plots["files"]:
         client.log_artifact(parent, str(plot), "plots")
     for key, value in plots["notes"].items():
         client.set_tag(parent, f"raysemi.{key}", value)
-    result: dict[str, Any] = {"plots": [str(p) for p in plots["files"]], "leaderboard_csv": str(board["csv"])}
+    result["plots"] = [str(p) for p in plots["files"]]
     best = next((r for r in rows if r.best is not None and r.checkpoint), None)
     if best is not None:
-        client.log_metric(parent, f"best_{space.metric}", best.best)
+        client.log_metric(parent, f"best_{metric}", best.best)
         client.set_tag(parent, "raysemi.best_trial", best.trial_id)
         from raysemi.engine.registry_models import register_checkpoint
 
@@ -45,8 +67,8 @@ def finish(cfg: Config, space: SearchSpace, rows: list[TrialRow], study_dir: Pat
             tags={"raysemi.trial_id": best.trial_id, "raysemi.study": study["name"],
                   "raysemi.params": json.dumps(best.params, default=str)[:5000]},
         )
-        result.update(best_trial=best.trial_id, best_params=best.params, best_metric=best.best,
-                      registered=registered)
+        result.update(best_trial=best.trial_id, best_method=best.method, best_params=best.params,
+                      best_metric=best.best, registered=registered)
         config_file = study_dir / "trials" / best.trial_id / "config.yaml"
         if config_file.exists():
             client.log_artifact(parent, str(config_file), "champion")
@@ -75,17 +97,40 @@ def write_leaderboard(rows: list[TrialRow], metric: str, folder: Path) -> dict[s
     csv_path, md_path = folder / "leaderboard.csv", folder / "leaderboard.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "trial", f"best_{metric}", "iterations", "status", *names])
+        writer.writerow(["rank", "trial", "method", f"best_{metric}", "iterations", "status", *names])
         for rank, r in enumerate(rows, 1):
-            writer.writerow([rank, r.trial_id, r.best, r.iterations, r.status, *(r.params.get(n) for n in names)])
-    lines = [f"| rank | trial | best {metric} | iterations | status | " + " | ".join(names) + " |",
-             "|" + "---|" * (5 + len(names))]
+            writer.writerow([rank, r.trial_id, r.method, r.best, r.iterations, r.status, *(r.params.get(n) for n in names)])
+    lines = [f"| rank | trial | method | best {metric} | iterations | status | " + " | ".join(names) + " |",
+             "|" + "---|" * (6 + len(names))]
     for rank, r in enumerate(rows, 1):
         best = f"{r.best:.4f}" if r.best is not None else "-"
         values = " | ".join(_cell(r.params.get(n)) for n in names)
-        lines.append(f"| {rank} | {r.trial_id} | {best} | {r.iterations} | {r.status} | {values} |")
+        lines.append(f"| {rank} | {r.trial_id} | {r.method} | {best} | {r.iterations} | {r.status} | {values} |")
     md_path.write_text("\n".join(lines) + "\n")
     return {"csv": csv_path, "md": md_path}
+
+
+def write_method_leaderboard(rows: list[TrialRow], metric: str, folder: Path) -> dict[str, Any]:
+    """One line per method of a multi-method study: its trials, how many finished, its best trial and values."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    best = {m: next(r for r in rows if r.method == m) for m in methods}
+    best = {m: r for m, r in best.items() if r.best is not None}
+    csv_path, md_path = folder / "methods.csv", folder / "methods.md"
+    lines = [f"| method | trials | completed | best {metric} | best trial | values |", "|---|---|---|---|---|---|"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "trials", "completed", f"best_{metric}", "best_trial", "params"])
+        for m in methods:
+            trials = [r for r in rows if r.method == m]
+            done = sum(r.status == "completed" for r in trials)
+            row = best.get(m)
+            params = json.dumps(row.params, default=str) if row else ""
+            writer.writerow([m, len(trials), done, row.best if row else "", row.trial_id if row else "", params])
+            values = ", ".join(f"{k}={_cell(v)}" for k, v in row.params.items()) if row else ""
+            score = f"{row.best:.4f}" if row else "-"
+            lines.append(f"| {m} | {len(trials)} | {done} | {score} | {row.trial_id if row else '-'} | {values} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return {"files": [csv_path, md_path], "best": best}
 
 
 def _cell(value: Any) -> str:
@@ -101,8 +146,6 @@ def optuna_plots(study_dir: Path, name: str) -> dict[str, Any]:
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as optuna_mpl
-
-    from raysemi.engine.tune import OPTUNA_FILE
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / OPTUNA_FILE}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -15,7 +15,14 @@ ASHA. ``time_attr`` is ``training_iteration``, i.e. the number of evaluations re
 (``max_t = ceil(iters / eval_every)``). Grace-period rule: a trial is never judged before its unsupervised signal is
 at full strength, so ``grace = ceil(w x iters / eval_every)`` evaluations, ``w`` the longest warm-up fraction of
 the space (``search_space.warmup_fraction``: upper bounds of ``*rampup*`` fields, consecutive ``*_stage`` fields
-summed, study values for fields not searched), at least 1 and at most ``max_t``.
+summed, study values for fields not searched), at least 1 and at most ``max_t``; a multi-method study takes the
+longest over its methods.
+
+Several methods (``--methods mt,cutmix`` or ``all``, every image-only method). The method is a categorical of the
+Optuna study and each method's own space is sampled only in that method's trials (define-by-run,
+``MethodChoice``), so TPE models each method's parameters on that method's trials alone. Every method's space
+must report the same metric and mode; ASHA compares all trials on one scale. The champion is registered under the
+dataset's name with its method in the version's tags.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import torch
 from raysemi.config import Config, from_dict, merge, to_dict
 from raysemi.engine.checkpoint import STATE_FILE, load_state, save_atomic
 from raysemi.engine.loop import Runtime, Trainer
-from raysemi.engine.search_space import SearchSpace, default_space_path, load_space, warmup_fraction
+from raysemi.engine.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
+from raysemi.engine.study_report import OPTUNA_FILE, TrialRow
 from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, ensure_experiment, mlflow_client
 from raysemi.errors import ConfigError
 
@@ -48,7 +56,8 @@ CPU_QUICK_SETTINGS: dict[str, dict[str, Any]] = {
     "cct": {k: 1 for k in ("vat", "drop", "cutout", "context_mask", "object_mask", "feature_drop", "feature_noise")},
 }
 STUDY_FILE = "study.json"
-OPTUNA_FILE = "optuna.db"
+#: The categorical a multi-method study samples first; a method's own values are nested under its name.
+METHOD_KEY = "method"
 
 
 @dataclass
@@ -73,6 +82,8 @@ class TuneOptions:
     out: str = "runs/tune"
     model_name: str | None = None
     seed: int = 0
+    #: Two or more methods searched in one study; empty for a single-method study (the config's method).
+    methods: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.trials < 1:
@@ -91,6 +102,8 @@ class TuneOptions:
             raise ConfigError("--workers-per-trial, --gpus-per-trial must be >= 0 and the trial CPUs > 0")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"--name: expected a folder name without '/', got {self.name!r}")
+        if self.methods and self.searcher == "grid":
+            raise ConfigError("--searcher grid: not available for a multi-method study (its spaces are conditional)")
 
 
 @dataclass(frozen=True)
@@ -115,11 +128,32 @@ def plan_budget(cfg: Config, space: SearchSpace) -> Budget:
 
 def quick_settings(method: str, dataset: str, model: str, user_sets: list[str]) -> list[str]:
     """``--set`` entries of ``CPU_QUICK_SETTINGS`` for a synthetic/tiny study, minus the keys the user set."""
-    if dataset != "synthetic" or model != "tiny":
-        return []
     given = {item.split("=", 1)[0].strip() for item in user_sets}
-    entries = {f"method.{k}": v for k, v in CPU_QUICK_SETTINGS.get(method, {}).items()}
+    entries = {f"method.{k}": v for k, v in quick_method_values(method, dataset, model).items()}
     return [f"{k}={v}" for k, v in entries.items() if k not in given]
+
+
+def quick_method_values(method: str, dataset: str, model: str) -> dict[str, Any]:
+    """``CPU_QUICK_SETTINGS`` of ``method`` for a synthetic/tiny study, else nothing."""
+    if dataset != "synthetic" or model != "tiny":
+        return {}
+    return dict(CPU_QUICK_SETTINGS.get(method, {}))
+
+
+def resolve_methods(names: str) -> tuple[str, ...]:
+    """``--methods`` value -> method names: a comma list of registered methods (at least two), or ``all`` for
+    every image-only method (``selfcorr`` also trains on box labels, so it is only searched when named)."""
+    from raysemi.methods import METHODS
+
+    if names.strip() == "all":
+        return tuple(n for n in METHODS.names() if not METHODS.get(n).needs_boxes)
+    methods = tuple(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    unknown = [n for n in methods if n not in METHODS.names()]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; registered: {', '.join(METHODS.names())}")
+    if len(methods) < 2:
+        raise ConfigError(f"--methods: expected at least two comma-separated methods or all, got {names!r}; use --method for one")
+    return methods
 
 
 def startup_trials(opts: TuneOptions) -> int:
@@ -129,7 +163,58 @@ def startup_trials(opts: TuneOptions) -> int:
 
 
 def study_name(cfg: Config, opts: TuneOptions) -> str:
-    return opts.name or f"{cfg.data.dataset}-{cfg.method_name}"
+    return opts.name or f"{cfg.data.dataset}-{'methods' if opts.methods else cfg.method_name}"
+
+
+def space_path(space: str | None, method: str, multi: bool) -> str | Path:
+    """A single-method study's ``--space`` is a file; a multi-method study's is a folder of ``<method>.yaml``
+    files, and a method without a file there uses its default space."""
+    if not multi:
+        return space or default_space_path(method)
+    if space is None:
+        return default_space_path(method)
+    folder = Path(space)
+    if not folder.is_dir():
+        raise ConfigError(f"--space {space}: a multi-method study takes a folder of <method>.yaml files")
+    own = folder / f"{method}.yaml"
+    return own if own.exists() else default_space_path(method)
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """Optuna define-by-run space of a multi-method study: the method first, then only that method's parameters,
+    named ``<method>/<name>`` (Ray Tune nests them under the method: ``{"method": "mt", "mt": {...}}``)."""
+
+    spaces: dict[str, SearchSpace]
+
+    def __call__(self, trial: Any) -> None:
+        method = trial.suggest_categorical(METHOD_KEY, list(self.spaces))
+        for p in self.spaces[method].params:
+            _suggest(trial, f"{method}/{p.sampled_name}", p)
+
+
+def _suggest(trial: Any, name: str, p: Param) -> None:
+    """The same distributions as ``SearchSpace.tune_space`` gives Tune, through Optuna's trial API."""
+    if p.type == "uniform":
+        trial.suggest_float(name, p.low, p.high, step=p.step)
+    elif p.type == "loguniform":
+        trial.suggest_float(name, p.low, p.high, log=True)
+    elif p.type == "log1m":
+        trial.suggest_float(name, 1.0 - p.high, 1.0 - p.low, log=True)  # type: ignore[operator]
+    elif p.type == "int":
+        trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1))  # type: ignore[arg-type]
+    else:
+        trial.suggest_categorical(name, list(p.values))
+
+
+def trial_choice(config: dict[str, Any], spaces: dict[str, SearchSpace]) -> tuple[str, dict[str, Any]]:
+    """A trial's method and its sampled values (as ``SearchSpace.decode`` reads them), single- or multi-method."""
+    if len(spaces) == 1:
+        return next(iter(spaces)), config
+    method = config.get(METHOD_KEY)
+    if method not in spaces:
+        return next(iter(spaces)), {}  # a trial that never started reports no config
+    return str(method), config.get(method) or {}
 
 
 # ----------------------------------------------------------------------------------------------- inside a trial
@@ -187,9 +272,10 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     """Tune function trainable: one training run with the sampled hyperparameters."""
     from ray import tune
 
-    space: SearchSpace = context["space"]
+    method, sampled = trial_choice(sampled, context["spaces"])
+    space: SearchSpace = context["spaces"][method]
     trial_id = tune.get_context().get_trial_id()
-    values = merge(context["base"], {})
+    values = merge(context["bases"][method], {})
     for section, fields in space.overrides(sampled).items():
         values[section] = {**values.get(section, {}), **fields}
     values["out"] = str(Path(context["study_dir"]) / "trials" / trial_id)
@@ -231,26 +317,15 @@ def _run_distributed_trial(cfg: Config, context: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the study
-@dataclass
-class TrialRow:
-    trial_id: str
-    params: dict[str, Any]
-    best: float | None
-    iterations: int
-    status: str
-    checkpoint: str | None
-    started_at: float | None = None
-
-
 def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
     """Run (or resume) a study and return its summary; the leaderboard rows are under ``leaderboard``."""
     opts.validate()
     out = Path(opts.out).resolve()
     name = study_name(cfg, opts)
     study_dir = out / name
-    space_path = opts.space or default_space_path(cfg.method_name)
-    space = load_space(space_path, cfg.method_name, _without_out(to_dict(cfg)))
-    budget = plan_budget(cfg, space)
+    spaces = _method_spaces(cfg, opts)
+    budget = max((plan_budget(_method_config(cfg, m, bool(opts.methods)), s) for m, s in spaces.items()),
+                 key=lambda b: b.grace)
     values = to_dict(cfg)
     values["train"] = {**values["train"], "eval_every": budget.eval_every, "checkpoint_every": budget.eval_every}
     values["tracking"] = {**values["tracking"], "uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)}
@@ -263,7 +338,7 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
                              "gpu": opts.gpus_per_trial > 0, "address": opts.address}
     base = from_dict(values)
     _check_study_folder(study_dir, opts.resume)
-    study = _open_study_record(study_dir, base, opts, space, budget, name)
+    study = _open_study_record(study_dir, base, opts, spaces, budget, name)
 
     import ray
 
@@ -272,28 +347,55 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # finished trials reach the saved state promptly
     started = connect(opts.address, log_to_driver=False)
     try:
-        return _run(cfg, opts, base, space, budget, study, study_dir, out, name)
+        return _run(cfg, opts, base, spaces, budget, study, study_dir, out, name)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(cfg: Config, opts: TuneOptions, base: Config, space: SearchSpace, budget: Budget, study: dict[str, Any],
-         study_dir: Path, out: Path, name: str) -> dict[str, Any]:
+def _method_config(cfg: Config, method: str, multi: bool) -> Config:
+    """The study's config for one of its methods: a multi-method study's methods run at their defaults (plus the
+    quick CPU settings on synthetic/tiny) and differ only in what their spaces sample."""
+    if not multi:
+        return cfg
+    values = to_dict(cfg)
+    values["method"] = {"name": method, **quick_method_values(method, cfg.data.dataset, cfg.model.name)}
+    return from_dict(values)
+
+
+def _method_spaces(cfg: Config, opts: TuneOptions) -> dict[str, SearchSpace]:
+    multi = bool(opts.methods)
+    spaces = {}
+    for method in opts.methods or (cfg.method_name,):
+        method_cfg = _without_out(to_dict(_method_config(cfg, method, multi)))
+        spaces[method] = load_space(space_path(opts.space, method, multi), method, method_cfg)
+    first = next(iter(spaces.values()))
+    for space in spaces.values():
+        if (space.metric, space.mode) != (first.metric, first.mode):
+            raise ConfigError(f"{space.path}: reports {space.mode} {space.metric} but {first.path} reports "
+                              f"{first.mode} {first.metric}; one study compares its trials on one metric")
+    return spaces
+
+
+def _run(cfg: Config, opts: TuneOptions, base: Config, spaces: dict[str, SearchSpace], budget: Budget,
+         study: dict[str, Any], study_dir: Path, out: Path, name: str) -> dict[str, Any]:
     from ray import tune
 
     per_trial_cpus, concurrency = _concurrency(opts, base)
-    context = {"space": space, "base": _without_out(to_dict(base)), "study_dir": str(study_dir),
+    multi = bool(opts.methods)
+    bases = {m: _without_out(to_dict(_method_config(base, m, multi))) for m in spaces}
+    context = {"spaces": spaces, "bases": bases, "study_dir": str(study_dir),
                "parent_run_id": study["parent_run_id"], "workers_per_trial": opts.workers_per_trial}
     resources = {"cpu": per_trial_cpus}
     if opts.workers_per_trial <= 1 and opts.gpus_per_trial > 0:
         resources["gpu"] = opts.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    tuner = _tuner(trainable, base, opts, space, budget, name, out, study_dir, concurrency)
+    tuner = _tuner(trainable, base, opts, spaces, budget, name, out, study_dir, concurrency)
     grid = tuner.fit()
-    rows = _rows(grid, space, budget)
+    space = next(iter(spaces.values()))
+    rows = _rows(grid, spaces, budget)
     finished = grid.num_terminated + grid.num_errors == opts.trials
-    summary = {"study": name, "study_dir": str(study_dir), "method": cfg.method_name, "dataset": cfg.data.dataset,
+    summary = {"study": name, "study_dir": str(study_dir), "method": ",".join(spaces), "dataset": cfg.data.dataset,
                "tracking_uri": study["tracking_uri"], "parent_run_id": study["parent_run_id"], "experiment": base.tracking.experiment,
                "metric": space.metric, "mode": space.mode, "budget": asdict(budget), "concurrency": concurrency,
                "leaderboard": [asdict(r) for r in rows], "interrupted": not finished}
@@ -301,7 +403,8 @@ def _run(cfg: Config, opts: TuneOptions, base: Config, space: SearchSpace, budge
         return summary
     from raysemi.engine import study_report
 
-    summary.update(study_report.finish(base, space, rows, study_dir, study, opts.model_name or name))
+    model_name = opts.model_name or (cfg.data.dataset if multi else name)
+    summary.update(study_report.finish(base, space.metric, rows, study_dir, study, model_name, per_method=multi))
     return summary
 
 
@@ -319,13 +422,17 @@ def _check_study_folder(study_dir: Path, resume: bool) -> None:
         raise ConfigError(f"{study_dir}: a study with this name exists; pass --resume to continue it or --name for a new one")
 
 
-def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, space: SearchSpace, budget: Budget,
-                       name: str) -> dict[str, Any]:
-    """The parent MLflow run of a new study (params: space, searcher, scheduler, budget), or the saved one."""
+def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, spaces: dict[str, SearchSpace],
+                       budget: Budget, name: str) -> dict[str, Any]:
+    """The parent MLflow run of a new study (params: spaces, searcher, scheduler, budget), or the saved one; a
+    resumed study must search the spaces it started with, or its record would mix two searches."""
     record_path = study_dir / STUDY_FILE
+    searched = {m: s.as_dict() for m, s in spaces.items()}
     if opts.resume:
-        return json.loads(record_path.read_text())
-    from mlflow.entities import Param
+        record = json.loads(record_path.read_text())
+        _check_same_spaces(record.get("spaces"), searched, spaces, study_dir)
+        return record
+    from mlflow.entities import Param as MlflowParam
 
     uri = str(cfg.tracking.uri)
     try:
@@ -333,10 +440,13 @@ def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, space: S
     except Exception as exc:  # MLflow raises many types for an unreachable or bad store
         raise ConfigError(f"tracking.uri {uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
     client = mlflow_client(uri)
-    tags = {"raysemi.study": name, "raysemi.method": cfg.method_name, "raysemi.dataset": cfg.data.dataset,
+    tags = {"raysemi.study": name, "raysemi.method": ",".join(spaces), "raysemi.dataset": cfg.data.dataset,
             "raysemi.kind": "study"}
     run = client.create_run(experiment_id, run_name=f"study-{name}", tags=tags)
-    params = {"space": json.dumps(space.as_dict()), "space_file": space.path, "searcher": opts.searcher,
+    space, multi = next(iter(spaces.values())), len(spaces) > 1
+    params = {"space": json.dumps(searched if multi else space.as_dict()),
+              "space_file": json.dumps({m: s.path for m, s in spaces.items()}) if multi else space.path,
+              "methods": ",".join(spaces), "searcher": opts.searcher,
               "scheduler": opts.scheduler, "trials": opts.trials, "iters": budget.iters,
               "eval_every": budget.eval_every, "asha_max_t": budget.max_t, "asha_grace": budget.grace,
               "asha_reduction_factor": opts.reduction_factor, "tpe_startup_trials": startup_trials(opts),
@@ -344,12 +454,28 @@ def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, space: S
               "workers_per_trial": opts.workers_per_trial, "gpus_per_trial": opts.gpus_per_trial,
               "concurrency": opts.concurrency, "seed": opts.seed, "model": cfg.model.name,
               "labeled": cfg.data.labeled}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_batch(run.info.run_id, params=[MlflowParam(k, str(v)[:6000]) for k, v in params.items()])
     record = {"name": name, "parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-              "options": asdict(opts)}
+              "options": asdict(opts), "spaces": searched}
     study_dir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def _check_same_spaces(saved: dict[str, Any] | None, searched: dict[str, Any], spaces: dict[str, SearchSpace],
+                       study_dir: Path) -> None:
+    if saved is None:
+        return  # a study recorded before spaces were saved: nothing to compare against
+    if list(saved) != list(searched):
+        raise ConfigError(f"{study_dir}: the study searched methods {','.join(saved)}, not {','.join(searched)}; "
+                          "resume it with the same methods or start a new study with --name")
+    for method, space in searched.items():
+        if space != saved[method]:
+            changed = sorted(k for k in {*space["params"], *saved[method]["params"]}
+                             if space["params"].get(k) != saved[method]["params"].get(k))
+            what = f"params {', '.join(changed)}" if changed else "metric or mode"
+            raise ConfigError(f"{spaces[method].path}: the search space changed since the study started ({what}); "
+                              "resume with the space it started with or start a new study with --name")
 
 
 def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
@@ -373,7 +499,7 @@ def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
     return driver, min(opts.concurrency, fits)
 
 
-def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, space: SearchSpace, budget: Budget, name: str,
+def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, spaces: dict[str, SearchSpace], budget: Budget, name: str,
            out: Path, study_dir: Path, concurrency: int) -> Any:
     import optuna
     from ray import tune
@@ -382,6 +508,7 @@ def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, space: SearchSpace, b
 
     if opts.resume:
         return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
+    space = next(iter(spaces.values()))
     if opts.searcher == "grid":
         if any(p.type != "choice" for p in space.params):
             raise ConfigError(f"{space.path}: --searcher grid needs every parameter to be of type choice")
@@ -392,7 +519,9 @@ def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, space: SearchSpace, b
     else:
         sampler = optuna.samplers.RandomSampler(seed=opts.seed)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
-    searcher = OptunaSearch(metric=space.metric, mode=space.mode, sampler=sampler, storage=storage, study_name=name)
+    multi = len(spaces) > 1
+    searcher = OptunaSearch(space=MethodChoice(spaces) if multi else None, metric=space.metric, mode=space.mode,
+                            sampler=sampler, storage=storage, study_name=name)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=budget.max_t, grace_period=budget.grace,
                                reduction_factor=opts.reduction_factor)
                  if opts.scheduler == "asha" else FIFOScheduler())
@@ -406,16 +535,18 @@ def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, space: SearchSpace, b
     )
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=opts.trials, max_concurrent_trials=concurrency)
-    return tune.Tuner(trainable, param_space=space.tune_space(), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=None if multi else space.tune_space(), tune_config=tune_config,
+                      run_config=run_config)
 
 
-def _rows(grid: Any, space: SearchSpace, budget: Budget) -> list[TrialRow]:
+def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget) -> list[TrialRow]:
+    space = next(iter(spaces.values()))
     rows = []
     for result in grid:
         df = result.metrics_dataframe
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
-        sampled = metrics.get("config") or {}
+        method, sampled = trial_choice(metrics.get("config") or {}, spaces)
         best = None
         if df is not None and space.metric in df and df[space.metric].notna().any():
             best = float(df[space.metric].max() if space.mode == "max" else df[space.metric].min())
@@ -435,18 +566,19 @@ def _rows(grid: Any, space: SearchSpace, budget: Budget) -> list[TrialRow]:
             ranked = df[df["checkpoint_path"].notna()].sort_values(space.metric, ascending=space.mode == "min")
             checkpoint = str(ranked["checkpoint_path"].iloc[0]) if len(ranked) else None
         started_at = float(df["timestamp"].min()) if df is not None and "timestamp" in df and len(df) else None
-        rows.append(TrialRow(trial_id, space.decode(sampled), best, iterations, status, checkpoint, started_at))
+        rows.append(TrialRow(trial_id, spaces[method].decode(sampled), best, iterations, status, checkpoint,
+                             started_at, method))
     rows.sort(key=lambda r: (r.best is None, -(r.best or 0.0) if space.mode == "max" else (r.best or 0.0)))
     return rows
 
 
 def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:
-    """Plain-text table: trial, best metric, iterations run, status, params."""
-    lines = [f"{'trial':<12} {'best ' + metric:>14} {'iters':>6}  {'status':<14} params"]
+    """Plain-text table: trial, method, best metric, iterations run, status, params."""
+    lines = [f"{'trial':<12} {'method':<11} {'best ' + metric:>14} {'iters':>6}  {'status':<14} params"]
     for r in rows:
         best = f"{r['best']:.4f}" if r["best"] is not None else "-"
         params = ", ".join(f"{k}={_short(v)}" for k, v in r["params"].items())
-        lines.append(f"{r['trial_id']:<12} {best:>14} {r['iterations']:>6}  {r['status']:<14} {params}")
+        lines.append(f"{r['trial_id']:<12} {r['method']:<11} {best:>14} {r['iterations']:>6}  {r['status']:<14} {params}")
     return "\n".join(lines)
 
 
