@@ -18,6 +18,7 @@ def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
     client = MlflowClient(callback.uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert summary["mlflow_tracking"] == "complete"
     assert run.data.params["method.name"] == "mt"
     assert run.data.params["data.eval_mode"] == "whole"
     assert run.data.params["split_digest"] == summary["split_digest"]

@@ -1,6 +1,21 @@
 """MLflow tracking: a run per training (nested under a study's parent run when tuning), params, its datasets
 (training split and evaluation splits, the runs table's Dataset column), per-step and per-eval metrics, artifacts
-(config, split, per-class IoU, confusion matrix, overlays), model registration."""
+(config, split, per-class IoU, confusion matrix, overlays), model registration.
+
+A tracking store that is down never stalls or kills a training run:
+
+- Each request to an http(s) store waits at most ``MLFLOW_HTTP_REQUEST_TIMEOUT`` seconds (raysemi's default 5) to
+  connect or for each read, and is retried ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` times (raysemi's default 1, at once);
+  a value set in the environment wins. MLflow's own defaults (120 s, 7 retries with backoff) made a refused
+  connection fail after four minutes and a server that never answers hang for far longer.
+- A store that cannot be opened when the run is set up (``MlflowCallback(cfg)``, before anything is written to the
+  run folder) stops the command with one line (exit code 2): nothing is lost, and the same command runs once the
+  server is up, with another ``--tracking-uri`` or with ``--no-mlflow``.
+- Once the run has started, the first MLflow call that fails stops tracking for the rest of the run: one
+  ``RaysemiWarning`` line, and the summary's ``mlflow_tracking`` reads ``stopped at iteration N: <uri>: <reason>``
+  (``complete`` when every call went through). Training, checkpoints and ``summary.json`` go on as in an untracked
+  run; the MLflow run keeps what was logged before the failure and stays ``RUNNING``.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +28,20 @@ import sqlite3
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 import torch
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raysemi.config import Config, DataConfig, to_dict
 from raysemi.data.datasets import train_split_name
 from raysemi.engine.plots import confusion_png, overlay_grid_png
-from raysemi.errors import ConfigError
+from raysemi.errors import ConfigError, RaysemiWarning
 
 if TYPE_CHECKING:
     from raysemi.engine.loop import Trainer
@@ -83,10 +101,41 @@ def require_writable_store(uri: str) -> None:
                           "store or --no-mlflow") from None
 
 
+#: raysemi's values for MLflow's HTTP settings where the environment sets none (see the module docstring). MLflow
+#: reads them at every request, so setting them before the first request of the process is enough. One retry
+#: survives a keep-alive connection the server closed just as it was reused.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+
+#: What a failing store raises: MLflow wraps store and HTTP errors in MlflowException; artifact uploads raise
+#: requests' errors (OSErrors: a refused upload) or OSError itself (a local artifact folder that is full or gone).
+TRACKING_FAULTS = (MlflowException, OSError)
+
+
+def bound_http_requests(uri: str) -> None:
+    """Give MLflow requests to an http(s) store raysemi's short timeout and single retry, unless set already."""
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
+def fault_reason(exc: BaseException) -> str:
+    """The innermost cause of a tracking failure, on one line: MLflow wraps a refused connection or a timeout in
+    three layers of messages that each repeat the URL."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+    text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 def mlflow_client(uri: str) -> MlflowClient:
-    """An MlflowClient whose store is open. MLflow creates a new sqlite store's tables on first open, and two
-    processes opening a fresh store at once race on that ("table ... already exists"), so sqlite opens are
-    serialised with a lock file beside the database."""
+    """An MlflowClient whose store is open, with bounded requests to a server (``bound_http_requests``). MLflow
+    creates a new sqlite store's tables on first open, and two processes opening a fresh store at once race on that
+    ("table ... already exists"), so sqlite opens are serialised with a lock file beside the database."""
+    bound_http_requests(uri)
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
     db = Path(uri.removeprefix("sqlite:///"))
@@ -115,6 +164,15 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
         if found is None:
             raise
         return found.experiment_id
+
+
+def open_experiment(uri: str, name: str) -> str:
+    """``ensure_experiment``, with a store that cannot be opened or reached as one line naming it."""
+    try:
+        return ensure_experiment(uri, name)
+    except Exception as exc:  # MLflow raises many types for an unreachable or bad store
+        raise ConfigError(f"tracking.uri {uri}: cannot open the MLflow store ({fault_reason(exc)}); start it, "
+                          "--tracking-uri another store or --no-mlflow") from None
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,7 +236,8 @@ def dataset_inputs(trainer: Trainer) -> list[Any]:
 
 class MlflowCallback(Callback):
     """Logs one training run. ``parent_run_id`` nests it under a study run; ``extra_params`` adds e.g. the
-    scaling config or a trial id."""
+    scaling config or a trial id. The store is opened here, before the run writes anything; a failure after that
+    stops tracking, never the training (the module docstring has the policy)."""
 
     def __init__(self, cfg: Config, parent_run_id: str | None = None, run_name: str | None = None, extra_params: dict[str, Any] | None = None) -> None:
         self.uri = tracking_uri(cfg)
@@ -187,18 +246,31 @@ class MlflowCallback(Callback):
         self.run_name = run_name or Path(cfg.out).name
         self.extra_params = extra_params or {}
         self.run_id: str | None = None
+        #: ``stopped at iteration N: <reason>`` once an MLflow call has failed; nothing is logged after that.
+        self.stopped: str | None = None
         require_writable_store(self.uri)
         self.client = mlflow_client(self.uri)
+        self.experiment_id = open_experiment(self.uri, self.experiment)
+
+    def _tracked(self, iteration: int, log: Callable[[], None]) -> None:
+        """Run ``log`` unless tracking has stopped; its first failure stops tracking with one warning line, so a
+        store that went away costs the run at most one bounded request."""
+        if self.stopped is not None:
+            return
+        try:
+            log()
+        except TRACKING_FAULTS as exc:
+            self.stopped = f"stopped at iteration {iteration}: {self.uri}: {fault_reason(exc)}"
+            warnings.warn(f"MLflow tracking {self.stopped}; the run continues untracked", RaysemiWarning, stacklevel=2)
 
     def on_start(self, trainer: Trainer) -> None:
-        try:
-            experiment_id = ensure_experiment(self.uri, self.experiment)
-        except Exception as exc:  # MLflow raises many types for an unreachable or bad store
-            raise ConfigError(f"tracking.uri {self.uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
+        self._tracked(trainer.iteration, lambda: self._start(trainer))
+
+    def _start(self, trainer: Trainer) -> None:
         tags = {"raysemi.method": trainer.cfg.method_name, "raysemi.dataset": trainer.cfg.data.dataset}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         params = flatten(to_dict(trainer.cfg))
         params.update(
@@ -226,7 +298,7 @@ class MlflowCallback(Callback):
             self.client.log_inputs(run_id, datasets=inputs)
 
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
-        self._log_metrics(metrics, iteration)
+        self._tracked(iteration, lambda: self._log_metrics(metrics, iteration))
 
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
         values = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -234,7 +306,7 @@ class MlflowCallback(Callback):
             values[f"val_iou/{name}"] = iou
         for name, iou in (metrics.get("test_per_class_iou") or {}).items():
             values[f"test_iou/{name}"] = iou
-        self._log_metrics(values, iteration)
+        self._tracked(iteration, lambda: self._log_metrics(values, iteration))
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         entries = [
@@ -246,10 +318,16 @@ class MlflowCallback(Callback):
             self.client.log_batch(self.run_id, metrics=entries)
 
     def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        if self.run_id is None:
-            return
         summary["mlflow_run_id"] = self.run_id
         summary["mlflow_tracking_uri"] = self.uri
+        # set before the end is logged, so the summary.json artifact reads it too
+        summary["mlflow_tracking"] = "complete"
+        if self.run_id is not None:
+            self._tracked(trainer.iteration, lambda: self._log_end(trainer, summary))
+        if self.stopped is not None:
+            summary["mlflow_tracking"] = self.stopped
+
+    def _log_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for name in ("config.yaml", "provenance.json"):

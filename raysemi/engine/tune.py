@@ -44,7 +44,7 @@ from raysemi.engine.checkpoint import STATE_FILE, load_state, save_atomic
 from raysemi.engine.loop import Runtime, Trainer
 from raysemi.engine.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
 from raysemi.engine.study_report import OPTUNA_FILE, TrialRow
-from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, ensure_experiment, mlflow_client
+from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, mlflow_client, open_experiment
 from raysemi.errors import ConfigError
 
 DEFAULT_ITERS = 180
@@ -253,19 +253,27 @@ class TrialMlflowCallback(MlflowCallback):
         self.trial_id = trial_id
 
     def on_start(self, trainer: Trainer) -> None:
-        experiment_id = ensure_experiment(self.uri, self.experiment)
+        # guarded like every tracking call: a store that went away leaves the trial training untracked
+        self._tracked(trainer.iteration, lambda: self._continue_or_start(trainer))
+
+    def _continue_or_start(self, trainer: Trainer) -> None:
         found = self.client.search_runs(
-            [experiment_id],
+            [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`raysemi.trial_id` = '{self.trial_id}'",
         )
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        super().on_start(trainer)
+        self._start(trainer)
         assert self.run_id is not None
         self.client.set_tag(self.run_id, "raysemi.trial_id", self.trial_id)
         self.client.set_tag(self.run_id, "raysemi.trial_status", "running")
+
+    def mark_completed(self, iteration: int) -> None:
+        if self.run_id is not None:
+            run_id = self.run_id
+            self._tracked(iteration, lambda: self.client.set_tag(run_id, "raysemi.trial_status", "completed"))
 
 
 def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
@@ -290,8 +298,7 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     try:
         trainer.fit()
         for cb in callbacks:
-            if cb.run_id:
-                cb.client.set_tag(cb.run_id, "raysemi.trial_status", "completed")
+            cb.mark_completed(trainer.iteration)
     finally:
         del trainer
         gc.collect()
@@ -435,10 +442,7 @@ def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, spaces: 
     from mlflow.entities import Param as MlflowParam
 
     uri = str(cfg.tracking.uri)
-    try:
-        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
-    except Exception as exc:  # MLflow raises many types for an unreachable or bad store
-        raise ConfigError(f"tracking.uri {uri!r}: cannot open the MLflow store ({str(exc).splitlines()[0][:160]})") from None
+    experiment_id = open_experiment(uri, cfg.tracking.experiment)
     client = mlflow_client(uri)
     tags = {"raysemi.study": name, "raysemi.method": ",".join(spaces), "raysemi.dataset": cfg.data.dataset,
             "raysemi.kind": "study"}
