@@ -5,7 +5,8 @@ after its last iteration (nothing is chosen on it); the table then reports test 
 its delta to `supervised`, the reported net and the other net's score, the final val mIoU, train step cost relative
 to `supervised`, and peak resident memory of the run's process (from wait4's rusage). Every row records the code's
 commit, the split hash, the iteration budget and the eval mode. Results append to a JSON-lines file as they
-arrive; rerunning the same command skips the (method, seed) rows already there, so a table can span sessions.
+arrive; rerunning the same command skips the (method, seed) rows already there, so a table can span sessions, and
+a run stopped with SIGINT (it writes a checkpoint) resumes from that checkpoint, exactly, instead of starting over.
 Run it from a `git worktree` of a fixed commit so that edits never change the code under a running benchmark.
 
 Variants: `supervised_all` (all labels), `selfcorr_linear`, and any `--variant NAME=METHOD:KEY=VALUE,KEY=VALUE`
@@ -53,12 +54,14 @@ def resolve_variant(method: str, variants: dict[str, str]) -> tuple[str, list[st
 def run_one(args: argparse.Namespace, method: str, seed: int, out: Path, variants: dict[str, str]) -> dict:
     run_dir = out / "runs" / f"{method}-s{seed}"
     name, overrides = resolve_variant(method, variants)
+    # A row is only run when results.jsonl has no successful row for it, so whatever is in its folder is a failed or
+    # interrupted attempt: one stopped with Ctrl-C (or SIGINT) left a checkpoint and resumes exactly from it, so a
+    # long row can span sessions; anything else starts over.
+    resume = (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "summary.json").exists()
     cmd = [
         sys.executable, "-m", "raysemi.cli", "train", "--method", name, "--dataset", args.dataset,
         "--model", args.model, "--labeled", args.labeled, "--iters", str(args.iters), "--seed", str(seed),
-        # --overwrite: a row is only run when results.jsonl has no successful row for it, so whatever is in its
-        # folder is a failed or interrupted attempt
-        "--batch-size", str(args.batch_size), "--out", str(run_dir), "--overwrite", "--json",
+        "--batch-size", str(args.batch_size), "--out", str(run_dir), "--resume" if resume else "--overwrite", "--json",
         "--tracking-uri", f"sqlite:///{(out / 'mlruns.db').resolve()}",
         "--set", f"tracking.experiment={args.experiment or out.name}",
         "--set", f"train.threads={args.threads}",
@@ -93,7 +96,8 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out: Path, variant
         "step_seconds": summary["train_seconds"] / summary["iterations"],
         "images_per_s": summary["images_per_s"],
         "peak_rss_mib": usage.ru_maxrss / 1024,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - started,  # of this attempt only when resumed
+        "resumed": resume,
         "extra": {k: v for k, v in summary.items() if k.startswith(("val_miou_", "test_miou_"))},
         "eval_history": summary.get("eval_history", []),
     }
