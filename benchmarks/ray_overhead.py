@@ -30,6 +30,7 @@ import torch
 from raysemi.config import Config, from_dict
 from raysemi.engine.distributed import fit_distributed
 from raysemi.engine.loop import fit
+from raysemi.engine.loopback import start_local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def main() -> int:
         rows = [
             {**measure("plain loop", lambda: fit(make_config(args, root / "plain", 0, 1, args.cpus))), "layout": f"in-process, {args.cpus} threads"}
         ]
-        ray.init(num_cpus=args.cpus, _node_ip_address="127.0.0.1")
+        start_local_ray(num_cpus=args.cpus)
         try:
             for workers, cpus in ((1, args.cpus), (2, half)):
                 cfg = make_config(args, root / f"ray{workers}", workers, cpus, 0)

@@ -27,8 +27,10 @@ from raysemi.engine.distributed import (
     weights_digest,
 )
 from raysemi.engine.loop import Trainer, fit
+from raysemi.engine.loopback import start_local_ray
 from raysemi.methods import METHODS, build_method
 from raysemi.models import build_model
+from tests.sockets import watch_non_loopback_listeners
 
 ray = pytest.importorskip("ray")
 
@@ -62,7 +64,7 @@ def make_config(out: Path, method: str, workers: int = 2, iters: int = 4, **sect
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1")
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -102,10 +104,10 @@ def mt_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("mt")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     cfg = make_config(root / "run", "mt", tracking={"enabled": True, "uri": uri, "experiment": "ray"})
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, watch_non_loopback_listeners() as exposed:
         patch.setenv(RECORD_IDS_ENV, str(root / "ids"))
         summary = fit_distributed(cfg, progress=False)
-    return {"summary": summary, "ids": root / "ids", "uri": uri, "cfg": cfg}
+    return {"summary": summary, "ids": root / "ids", "uri": uri, "cfg": cfg, "exposed": exposed}
 
 
 def test_two_worker_mean_teacher(mt_run):
@@ -121,6 +123,11 @@ def test_two_worker_mean_teacher(mt_run):
     # checkpoints are ranked by the slash-named metric: the best one holds the highest val/miou
     best = load_state(summary["best_checkpoint"])
     assert best["last_eval"][SCORE_METRIC] == max(summary["val_miou"], best["last_eval"][SCORE_METRIC])
+
+
+def test_a_local_ray_and_its_workers_listen_on_loopback_only(mt_run):
+    # GCS, raylet, agents and workers (with their torch process group) while the run was alive
+    assert mt_run["exposed"] == [], "reachable from other hosts:\n" + "\n".join(mt_run["exposed"])
 
 
 def _teacher_from(method_state: dict[str, torch.Tensor]) -> torch.nn.Module:

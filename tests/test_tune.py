@@ -35,6 +35,7 @@ from raysemi.engine.tune import (
 )
 from raysemi.errors import ConfigError
 from raysemi.methods import METHODS
+from tests.sockets import watch_non_loopback_listeners
 
 # lr 1e-5 learns nothing in 10 steps, 0.03 does; the random sampler with seed 0 draws bad, good, bad, so ASHA
 # (reduction factor 3, grace 1) must stop the third trial at its first rung.
@@ -397,7 +398,9 @@ def test_a_trial_with_two_workers_trains_in_a_torch_trainer_inside_tune(tmp_path
             "--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--searcher", "random",
             "--scheduler", "none", "--workers-per-trial", "2", "--set", "distributed.cpus_per_worker=0.5",
             "--space", str(_space_file(tmp_path)), "--out", str(tmp_path), "--tracking-uri", uri, "--json"]
-    assert main(args) == 0
+    with watch_non_loopback_listeners() as exposed:
+        assert main(args) == 0
+    assert exposed == [], "reachable from other hosts:\n" + "\n".join(exposed)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["best_metric"] is not None and summary["model_version"] == "1"
     header, row = (Path(summary["study_dir"]) / "leaderboard.csv").read_text().splitlines()

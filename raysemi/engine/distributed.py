@@ -47,12 +47,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 from torch import nn
 
 from raysemi.config import Config, from_dict, to_dict
 from raysemi.engine.checkpoint import STATE_FILE, load_state
 from raysemi.engine.loop import Callback, Runtime, Trainer, scaled_lr
+from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
 from raysemi.methods import Method
 
@@ -233,14 +234,15 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def connect(address: str | None, log_to_driver: bool = True) -> bool:
-    """Join the Ray cluster at ``address`` (``auto`` or HOST:PORT) or start a local one on 127.0.0.1; reuses an
-    already initialised Ray. Returns whether this call started Ray (and so should shut it down)."""
+    """Join the Ray cluster at ``address`` (``auto`` or HOST:PORT) or start a loopback-only local one
+    (:func:`start_local_ray`); reuses an already initialised Ray. Returns whether this call started Ray (and so
+    should shut it down)."""
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(_node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
+        start_local_ray(log_to_driver=log_to_driver)
     return True
 
 
@@ -331,7 +333,7 @@ def torch_trainer(
             resources_per_worker=resources,
             placement_strategy=placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if spec.gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if spec.gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=storage,

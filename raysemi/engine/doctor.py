@@ -63,12 +63,14 @@ def check_versions() -> Check:
 def check_ray(address: str | None) -> list[Check]:
     import ray
 
+    from raysemi.engine.loopback import start_local_ray
+
     started_here = not ray.is_initialized()
     try:
         if started_here and address:
             ray.init(address=address, log_to_driver=False)
         elif started_here:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+            start_local_ray(include_dashboard=False, log_to_driver=False)
     except Exception as err:  # connection errors come as ConnectionError, RuntimeError or ValueError
         where = address or "a local Ray"
         return [Check("ray cluster", False, f"cannot connect to {where}: {_one_line(err)}")]
