@@ -77,6 +77,7 @@ def test_a_checkpoint_of_another_split_is_refused(tmp_path: Path, capsys: pytest
         (["--set", "method.rampup_length=-1"], "method.rampup_length: must be >= 0"),
         (["--set", "data.crop_size=[0,0]"], "data.crop_size: expected two sizes >= 1"),
         (["--set", "data.num_workers=-1"], "data.num_workers: must be >= 0"),
+        (["--set", "data.num_workers=10000"], "data.num_workers: at most 64 loader processes"),
         (["--workers", "-1"], "distributed.workers: must be >= 0"),
         (["--max-failures", "-2"], "distributed.max_failures: must be >= 0"),
         (["--set", "data.synthetic_val=0"], "split 'val' has no images to evaluate on"),
