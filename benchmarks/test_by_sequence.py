@@ -18,26 +18,20 @@ from typing import Any
 
 import torch
 
-from raysemi.config import from_dict, merge
 from raysemi.data.loaders import _eval_loader
-from raysemi.engine.checkpoint import load_state
 from raysemi.engine.evaluate import evaluate
-from raysemi.engine.loop import Runtime, Trainer
+from raysemi.engine.loop import trainer_from_checkpoint
 from raysemi.metrics import summarize
 
 SPLIT = "test"
 
 
 def score_by_prefix(run: Path, data_root: str | None) -> dict[str, Any]:
-    state = load_state(run / "checkpoints" / "last.pt")
     overrides: dict[str, Any] = {"val_split": SPLIT, "test_split": None}
     if data_root:
         overrides["root"] = data_root
-    values = merge(state["config"], {"data": overrides, "train": {"device": "cpu"}})
-    values["tracking"] = {**values.get("tracking", {}), "enabled": False}
-    cfg = from_dict(values)
-    trainer = Trainer(cfg, Runtime(Path(cfg.out)), callbacks=[])
-    trainer.method.load_state_dict(state["method"])
+    trainer, state = trainer_from_checkpoint(run / "checkpoints" / "last.pt", overrides, device="cpu")
+    cfg = trainer.cfg
     trainer.method.eval()
     test_set = trainer.loaders.val.dataset.dataset
     names = [item.name for item in test_set.items]

@@ -451,9 +451,10 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Callback] | None = No
     return trainer.fit()
 
 
-def evaluate_checkpoint(path: str, data_overrides: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
-    """Evaluate a checkpoint's evaluation network on a dataset's validation split (by default the one it was
-    trained with; ``data_overrides`` replaces data config keys, e.g. dataset, root, eval_mode, val_split)."""
+def trainer_from_checkpoint(path: str | Path, data_overrides: dict[str, Any] | None = None,
+                            device: str = "auto") -> tuple[Trainer, dict[str, Any]]:
+    """A Trainer rebuilt from a checkpoint's config (``data_overrides`` replace data keys), with the checkpoint's
+    weights loaded and tracking off; also the loaded state."""
     from raysemi.config import from_dict, merge
 
     state = load_state(path)
@@ -470,6 +471,14 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, Any] | None = None,
         trainer.method.load_state_dict(state["method"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the method/model ({str(exc).splitlines()[0][:160]})") from None
+    return trainer, state
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a checkpoint's evaluation network on a dataset's validation split (by default the one it was
+    trained with; ``data_overrides`` replaces data config keys, e.g. dataset, root, eval_mode, val_split)."""
+    trainer, state = trainer_from_checkpoint(path, data_overrides, device)
+    cfg = trainer.cfg
     metrics = trainer.evaluate(final=True)
     return {
         "checkpoint": str(path),
