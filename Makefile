@@ -24,7 +24,7 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check raysemi tests benchmarks
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(BIN)/ruff check raysemi tests benchmarks

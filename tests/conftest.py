@@ -12,6 +12,24 @@ from raysemi.methods.base import DataInfo
 
 torch.set_num_threads(int(os.environ.get("RAYSEMI_TEST_THREADS", "1")))
 
+
+#: Ray tests of these modules form the second Ray group (studies); all other Ray tests form the first (training).
+RAY_STUDY_MODULES = {"tests.test_tune", "tests.test_predict"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scheduling groups for `pytest -n 2 --dist loadgroup` (the CI command): the suite is mostly single-threaded
+    and waits on start-ups, so two workers share the cores. Ray tests form two groups, studies and training, so
+    that at most one local Ray cluster per worker runs at a time and the two longest chains run side by side; every
+    other test stays with its module, so that a module-scoped fixture is built once, not once per worker."""
+    for item in items:
+        module = item.module.__name__
+        if item.get_closest_marker("ray"):
+            group = "ray-studies" if module in RAY_STUDY_MODULES else "ray-training"
+        else:
+            group = module
+        item.add_marker(pytest.mark.xdist_group(group))
+
 PROBE_CLASSES = 4
 PROBE_SIZE = (32, 32)
 

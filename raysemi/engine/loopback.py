@@ -35,13 +35,15 @@ _stores: list[dist.TCPStore] = []
 def start_local_ray(**init_options: Any) -> None:
     """``ray.init`` a local Ray whose node IP really is 127.0.0.1; ``init_options`` go to ``ray.init``. Clusters
     are off for this call only (the switch is read when the address is resolved), so a later ``ray.init(address=
-    ...)`` in the same process finds its real node IP."""
+    ...)`` in the same process finds its real node IP. ``address="local"`` always starts a new instance: without
+    it ``ray.init`` joins the last cluster a ``ray start`` on this machine recorded, which is not what a run without
+    ``--address`` asks for."""
     from ray._private import ray_constants
 
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address=LOOPBACK, **init_options)
+        ray.init(address="local", _node_ip_address=LOOPBACK, **init_options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
 
