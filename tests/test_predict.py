@@ -1,15 +1,11 @@
 """raysemi predict, MLflow datasets, model cards and ``datasets --check``, through the walk-through of
-docs/your-own-data.md: its commands run in order on a small generated folder (tiny model, a few iterations), and the
-outputs they leave (a trained run logged to MLflow, a registered champion, predicted masks) are checked here.
-
-The studies of the walk-through are parsed, not run: a 2-trial study of 4 iterations takes about 2 minutes on this
-machine (Ray start, trial processes), so ``tests/test_tune.py`` covers ``raysemi tune``; a version registered from the
-walk-through's ``mt`` run stands in for the studies' champion.
+docs/your-own-data.md: its commands run in order on a small generated folder (tiny model, a few iterations, a
+two-trial study), and the outputs they leave (trained runs logged to MLflow, the study's registered champion,
+predicted masks) are checked here. The walk-through's study starts Ray, so the whole module is a Ray test.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
@@ -23,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -36,11 +31,16 @@ from raysemi.engine.evaluate import sliding_window_logits
 from raysemi.engine.loop import Runtime, Trainer
 from tests.test_cli import run_error
 
+pytestmark = pytest.mark.ray
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "your-own-data.md"
 CLASSES = ("background", "disc", "square")
 TRAIN_SIZES = ((40, 48), (48, 40), (36, 52))
 #: Appended to the walk-through's train commands: a tiny model, a few iterations, crops that fit the small images.
 QUICK_TRAIN = ["--model", "tiny", "--iters", "3", "--batch-size", "2", "--set", "data.crop_size=[32,32]"]
+#: Appended to the walk-through's study: the same, two trials, both methods' spaces at their defaults otherwise.
+QUICK_TUNE = [*QUICK_TRAIN[:4], "--set", "data.crop_size=[32,32]", "--set", "train.eval_every=2", "--batch-size", "2",
+              "--trials", "2", "--concurrency", "1", "--searcher", "random", "--seed", "0", "--json"]
 #: New images: several sizes (smaller and larger than the 32x32 window), RGB and greyscale, PNG and JPEG.
 NEW_IMAGES = {"wide.png": (30, 70, "RGB"), "tall.jpg": (45, 28, "RGB"), "grey.png": (50, 41, "L"),
               "small.png": (20, 24, "RGB"), "wide_too.png": (30, 70, "RGB")}
@@ -137,31 +137,25 @@ def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> dict:
             words = shlex.split(line.replace('"$PWD/', f'"{work}/'), comments=True)
             if words[:2] == ["mlflow", "ui"]:
                 results.append({"argv": words, "rest": words[words.index("--backend-store-uri") + 1]})
-            elif words[:2] == ["raysemi", "tune"]:
-                results.append({"argv": words, "rc": 0, "parsed": build_parser().parse_args(words[1:])})
-                _register_stand_in(results[-1]["parsed"], work)
             else:
-                results.append({**_run(words[1:] + (QUICK_TRAIN if words[1] == "train" else [])), "argv": words})
+                quick = {"train": QUICK_TRAIN, "tune": QUICK_TUNE}.get(words[1], [])
+                results.append({**_run(words[1:] + quick), "argv": words})
     return {"work": work, "results": results}
-
-
-def _register_stand_in(study: argparse.Namespace, work: Path) -> None:
-    """The first study's champion: the walk-through's run of the same method, registered as the study would."""
-    from raysemi.engine.registry_models import register_checkpoint
-
-    client = MlflowClient(f"sqlite:///{work / 'runs' / 'mlruns.db'}")
-    try:
-        client.get_registered_model(study.model_name)
-        return
-    except MlflowException:
-        pass
-    summary = json.loads((work / "runs" / f"mydata-{study.method}" / "summary.json").read_text())
-    register_checkpoint(summary["checkpoint"], summary["mlflow_tracking_uri"], summary["mlflow_run_id"],
-                        study.model_name, summary["val_miou"], tags={"raysemi.study": study.name, "raysemi.trial_id": "stand-in"})
 
 
 def _result(walkthrough: dict, *prefix: str) -> dict:
     return next(r for r in walkthrough["results"] if r["argv"][: len(prefix)] == list(prefix))
+
+
+def _study(walkthrough: dict) -> dict:
+    """The summary the walk-through's study printed (``--json``)."""
+    return json.loads(_result(walkthrough, "raysemi", "tune")["stdout"].strip().splitlines()[-1])
+
+
+def _champion_state(walkthrough: dict) -> dict:
+    from raysemi.engine.registry_models import download_checkpoint
+
+    return load_state(download_checkpoint("models:/mydata@champion", f"sqlite:///{walkthrough['work'] / 'runs' / 'mlruns.db'}"))
 
 
 def _mt_run(walkthrough: dict) -> dict:
@@ -175,7 +169,7 @@ def _mt_run(walkthrough: dict) -> dict:
 
 def test_walkthrough_commands_all_run(walkthrough: dict) -> None:
     kinds = [tuple(r["argv"][:2]) for r in walkthrough["results"]]
-    assert kinds == [("raysemi", "datasets")] + [("raysemi", "train")] * 2 + [("raysemi", "tune")] * 2 + [
+    assert kinds == [("raysemi", "datasets")] + [("raysemi", "train")] * 2 + [("raysemi", "tune")] + [
         ("mlflow", "ui"), ("raysemi", "eval"), ("raysemi", "predict")]
     for result in walkthrough["results"]:
         assert result.get("rc", 0) == 0, result
@@ -184,17 +178,20 @@ def test_walkthrough_commands_all_run(walkthrough: dict) -> None:
     assert "split train: 12 images; sizes 40x48 (4), 48x40 (4), 36x52 (4)" in check
     # the doc's sample output is this folder's
     assert check.strip() in DOC.read_text()
-    for study in (r["parsed"] for r in walkthrough["results"] if "parsed" in r):
-        # relative, like the doc's other commands: run_study makes it absolute for the trials' working folders
-        assert study.model_name == "mydata" and (walkthrough["work"] / study.data_root).is_dir()
+    study = _study(walkthrough)
+    assert study["model_name"] == "mydata" and study["model_version"] == "1"
+    assert study["best_method"] in {"mt", "cps"} and set(study["method_best"]) <= {"mt", "cps"}
+    assert (walkthrough["work"] / "runs" / "tune" / "mydata-study" / "methods.md").is_file()
 
 
 def test_eval_of_the_champion_prints_its_model_card(walkthrough: dict) -> None:
     out = _result(walkthrough, "raysemi", "eval")["stdout"]
     card, _, score = out.rstrip().rpartition("\n")
     assert card.startswith("models:/mydata/1 (models:/mydata@champion)")
-    assert "**mt** on **folder**" in card and _mt_run(walkthrough)["split_digest"] in card
-    assert "- reproduce: `raysemi train --method mt --dataset folder --data-root mydata --labeled 1/4" in card
+    method = _study(walkthrough)["best_method"]
+    # the study's trials and the walk-through's runs train on the same split
+    assert f"**{method}** on **folder**" in card and _mt_run(walkthrough)["split_digest"] in card
+    assert re.search(rf"- reproduce: `raysemi train --method {method} --dataset folder --data-root \S*mydata --labeled 1/4", card)
     assert score.startswith("val mIoU ")
 
 
@@ -203,7 +200,8 @@ def test_walkthrough_predict_writes_masks_overlays_legend_and_csv(walkthrough: d
     # MLflow's own download progress may share stderr
     warnings = [line for line in result["stderr"].splitlines() if line.startswith("raysemi predict:")]
     assert len(warnings) == 1 and CORRUPT in warnings[0] and "warning" in warnings[0]
-    assert result["stdout"].startswith(f"segmented {len(NEW_IMAGES)} images (1 unreadable, skipped) with mt (whole")
+    method = _study(walkthrough)["best_method"]
+    assert result["stdout"].startswith(f"segmented {len(NEW_IMAGES)} images (1 unreadable, skipped) with {method} (whole")
     out = walkthrough["work"] / "predictions"
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "file,mask,width,height,class_ids,classes,mean_confidence" and len(rows) == 1 + len(NEW_IMAGES)
@@ -236,7 +234,8 @@ def test_mlflow_ui_shows_datasets_and_model_cards(walkthrough: dict) -> None:
     assert json.loads(inputs["folder:mydata/val"]["dataset"]["profile"])["images"] == 4
     assert "raysemi predict --checkpoint models:/mydata@champion" in answers[1]["registered_model"]["description"]
     card = answers[2]["model_version"]["description"]
-    assert "**mt**" in card and run["split_digest"] in card and "study `mydata-mt`" in card
+    method = _study(walkthrough)["best_method"]
+    assert f"**{method}**" in card and run["split_digest"] in card and "study `mydata-study`" in card
 
 
 def test_the_card_command_reproduces_the_config(walkthrough: dict) -> None:
@@ -244,7 +243,7 @@ def test_the_card_command_reproduces_the_config(walkthrough: dict) -> None:
     card = client.get_model_version_by_alias("mydata", "champion").description
     command = re.search(r"- reproduce: `(.*)`", card).group(1)
     args = build_parser().parse_args(shlex.split(command)[1:])
-    saved = load_state(_mt_run(walkthrough)["checkpoint"])["config"]
+    saved = _champion_state(walkthrough)["config"]
     rebuilt = to_dict(run_config_from_args(args))
     for section in ("method", "data", "model", "optim", "train"):
         assert rebuilt[section] == saved[section], section
