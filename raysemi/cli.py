@@ -34,6 +34,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last stdout line")
 
 
+WORKER_RESOURCES_HELP = ('custom Ray resources per worker (per trial when a trial runs in one process), as JSON, e.g. \'{"spot": 1}\': '
+                         "runs only on the node types that advertise them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysemi", description="Semi-supervised semantic segmentation at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
     p.add_argument("--storage", help="checkpoint storage every node can reach (path or URI)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts allowed")
+    p.add_argument("--worker-resources", metavar="JSON", help=WORKER_RESOURCES_HELP)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or models:/NAME@ALIAS")
@@ -80,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
     p.add_argument("--startup-trials", type=int, help="random trials before TPE takes over (default: a quarter of --trials, 2 to 10)")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
+    p.add_argument("--worker-resources", metavar="JSON", help=WORKER_RESOURCES_HELP)
     p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
     p.add_argument("--name", help="study name (default <dataset>-<method>, or <dataset>-methods with --methods); the study folder is <out>/<name>")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
@@ -109,7 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local one)")
     p.add_argument("--storage", help="storage path or URI to check for writability")
     p.add_argument("--tracking-uri", help="MLflow tracking URI to check")
+    p.add_argument("--worker-resources", metavar="JSON", help="check that workers asking for these custom resources "
+                   "(as for train and tune) can ever be scheduled on the cluster's node types")
     return parser
+
+
+def parse_worker_resources(text: str) -> dict[str, float]:
+    """``--worker-resources`` JSON -> ``{name: amount}``, or a one-line error."""
+    from raysemi.config import check_worker_resources
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RaysemiError(f"--worker-resources: not valid JSON ({err.msg} at character {err.pos}): {text!r}; "
+                           'expected an object like \'{"spot": 1}\'') from None
+    return check_worker_resources(value, "--worker-resources")
 
 
 def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
@@ -136,6 +156,8 @@ def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None =
     for flag in ("workers", "address", "storage", "max_failures"):
         if getattr(args, flag, None) is not None:
             flags["distributed"][flag] = getattr(args, flag)
+    if getattr(args, "worker_resources", None) is not None:
+        flags["distributed"]["worker_resources"] = parse_worker_resources(args.worker_resources)
     if getattr(args, "gpu", False):
         flags["distributed"]["gpu"] = True
     values = merge(values, {k: v for k, v in flags.items() if v})
@@ -346,7 +368,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from raysemi.engine.doctor import format_checks, run_doctor
 
-    checks = run_doctor(args.address, args.storage, args.tracking_uri)
+    resources = parse_worker_resources(args.worker_resources) if args.worker_resources else None
+    checks = run_doctor(args.address, args.storage, args.tracking_uri, resources)
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: ten thousand of them forked this 24 GiB machine into the OOM killer. 64 is more than any one training process
 #: feeds usefully.
 MAX_LOADER_WORKERS = 64
+#: The strong view's Gaussian blur (raysemi.data.transforms: sigma up to 2, kernel 2 * ceil(3 sigma) + 1) reflect-pads
+#: a crop by up to 6 px, and reflect padding needs a side longer than the pad.
+MIN_CROP = 7
 
 
 @dataclass
@@ -72,8 +76,8 @@ class DataConfig:
         if self.num_workers > MAX_LOADER_WORKERS:
             raise ConfigError(f"data.num_workers: at most {MAX_LOADER_WORKERS} loader processes per training "
                               f"process, got {self.num_workers}")
-        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
-            raise ConfigError(f"data.crop_size: expected two sizes >= 1 (H, W), got {list(self.crop_size)}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < MIN_CROP:
+            raise ConfigError(f"data.crop_size: expected two sizes >= {MIN_CROP} (H, W), got {list(self.crop_size)}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"data.scale_range: expected 0 < low <= high, got {list(self.scale_range)}")
         if self.strong_aug not in ("mild", "strong"):
@@ -141,7 +145,9 @@ class TrainConfig:
 class DistributedConfig:
     """workers: Ray Train workers (0 = plain in-process loop); gpu: one GPU per worker (NCCL);
     address: Ray cluster address (None starts a local one); storage: checkpoint storage every node can reach;
-    max_failures: worker-group restarts allowed; cpus_per_worker: CPUs reserved per worker."""
+    max_failures: worker-group restarts allowed; cpus_per_worker: CPUs reserved per worker; worker_resources:
+    custom Ray resources reserved per worker (or per single-process trial), e.g. ``{spot: 1}`` to run only on the
+    node types that advertise them (an accelerator type, a spot pool)."""
 
     workers: int = 0
     gpu: bool = False
@@ -149,6 +155,7 @@ class DistributedConfig:
     storage: str | None = None
     max_failures: int = 0
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("workers", "max_failures"):
@@ -156,6 +163,25 @@ class DistributedConfig:
                 raise ConfigError(f"distributed.{key}: must be >= 0, got {getattr(self, key)}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"distributed.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        self.worker_resources = check_worker_resources(self.worker_resources, "distributed.worker_resources")
+
+
+#: Resources with a flag of their own (--gpu, cpus_per_worker) or that Ray gives every node: not custom resources.
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def check_worker_resources(value: Any, where: str) -> dict[str, float]:
+    """``{name: amount}`` of custom Ray resources, each amount a number > 0, or a one-line ``ConfigError``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of resource name to amount, e.g. {{\"spot\": 1}}, got {value!r}")
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: resource names must be non-empty strings, got {name!r}")
+        if name in BUILTIN_RESOURCES:
+            raise ConfigError(f"{where}: {name} is not a custom resource (use --gpu or distributed.cpus_per_worker)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < math.inf:
+            raise ConfigError(f"{where}: {name} must be a number > 0, got {amount!r}")
+    return {name: float(amount) for name, amount in value.items()}
 
 
 @dataclass

@@ -156,6 +156,19 @@ def unknown_device(env: Env) -> Case:
     return Case([*TRAIN, "--set", "train.device=gpu", "--out", str(env.tmp / "run")], "train.device: expected auto, cpu, cuda or cuda:N, got 'gpu'")
 
 
+def crop_smaller_than_the_blur(env: Env) -> Case:
+    return Case([*TRAIN, "--set", "data.crop_size=[1,1]", "--out", str(env.tmp / "run")],
+                "data.crop_size: expected two sizes >= 7 (H, W), got [1, 1]", absent=(env.tmp / "run",))
+
+
+def tune_metric_never_reported(env: Env) -> Case:
+    space = env.tmp / "space.yaml"
+    space.write_text("metric: val/accuracy\nmode: max\nparams: {optim.lr: {type: choice, values: [0.01, 0.1]}}\n")
+    studies = env.tmp / "studies"
+    return Case(["tune", "--method", "supervised", *TINY_RUN, "--space", str(space), "--out", str(studies)],
+                f"{space}: metric: 'val/accuracy' is never reported", kept=(space,), absent=(studies,))
+
+
 def garbage_weights_file(env: Env) -> Case:
     weights = env.tmp / "backbone.pt"
     weights.write_bytes(b"garbage bytes, not a checkpoint")
@@ -225,6 +238,8 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "MLflow store in a read-only folder": mlflow_store_in_a_read_only_folder,
     "train.device=cuda without a GPU": cuda_without_a_gpu,
     "train.device=gpu": unknown_device,
+    "data.crop_size=[1,1]": crop_smaller_than_the_blur,
+    "tune metric never reported": tune_metric_never_reported,
     "garbage model.weights": garbage_weights_file,
     "model.weights of another network": weights_of_another_network,
     "report on a non-database file": report_on_a_non_database_file,

@@ -3,9 +3,15 @@ plain loop, every registered method under DDP, one MLflow run per training."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,8 @@ from raysemi.engine.distributed import (
     KILL_ENV,
     RECORD_IDS_ENV,
     SCORE_METRIC,
+    SNAPSHOT_FILE,
+    STALL_ENV,
     RayRuntime,
     RecordingLoader,
     fit_distributed,
@@ -37,6 +45,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 LABELED = 8  # 1/8 of 64 synthetic training images: one epoch is 4 per rank with 2 workers
+RAYSEMI = str(Path(sys.executable).with_name("raysemi"))
 
 
 def make_config(out: Path, method: str, workers: int = 2, iters: int = 4, **sections: dict[str, Any]) -> Config:
@@ -161,6 +170,59 @@ def test_killed_worker_resumes_to_the_uninterrupted_weights(mt_run, tmp_path):
     assert summary["iterations"] == 4
     assert summary["eval_weight_digests"][0] == summary["eval_weight_digests"][1]
     assert_same_weights(final_method_state(summary), final_method_state(mt_run["summary"]))
+
+
+def _snapshot_names(snapshot: Path) -> set[str]:
+    """The checkpoint folders Ray's snapshot lists (none while it is missing or half written)."""
+    try:
+        return {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return set()
+
+
+def _kill_session(leader: int) -> None:
+    """SIGKILL every process in the session of ``leader``: the CLI, the local Ray it started and its workers."""
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getsid(pid) == leader:
+                os.kill(pid, signal.SIGKILL)
+
+
+def _train_until_stalled(command: list[str], stall_at: int, registered: int, folder: Path, snapshot: Path) -> None:
+    """Run ``command`` until rank 0 stalls at iteration ``stall_at`` and Ray has registered checkpoint
+    ``registered``, then SIGKILL the run, Ray included."""
+    marker, log = folder / f"stalled-{stall_at}", folder / f"stderr-{stall_at}.log"
+    env = {**os.environ, STALL_ENV: f"{stall_at}:{marker}"}
+    with log.open("w") as stderr:
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (marker.exists() and any(n.startswith(f"checkpoint_{registered:07d}_") for n in _snapshot_names(snapshot))):
+            assert driver.poll() is None, f"exit {driver.returncode} before the kill:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.2)
+    finally:
+        _kill_session(driver.pid)
+        driver.wait()
+
+
+def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(mt_run, tmp_path):
+    """``raysemi train --workers 2`` SIGKILLed before its first evaluation (Ray holds only an unevaluated
+    checkpoint) and again after it; two --resume runs end with the weights of the uninterrupted run, and no
+    checkpoint folder is left that Ray does not track."""
+    out = tmp_path / "run"
+    # a checkpoint every iteration: the first one (1) precedes the first evaluation (2)
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(to_dict(make_config(out, "mt", train={"checkpoint_every": 1}))))
+    command = [RAYSEMI, "train", "--config", str(config), "--out", str(out)]
+    snapshot = out / "ray" / out.name / SNAPSHOT_FILE
+    _train_until_stalled(command, stall_at=2, registered=1, folder=tmp_path, snapshot=snapshot)
+    _train_until_stalled([*command, "--resume"], stall_at=4, registered=3, folder=tmp_path, snapshot=snapshot)
+    done = subprocess.run([*command, "--resume", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert_same_weights(final_method_state(summary), final_method_state(mt_run["summary"]))
+    assert {p.name for p in snapshot.parent.iterdir() if p.is_dir()} == _snapshot_names(snapshot)
 
 
 def test_one_worker_equals_plain_loop(ray_cluster, tmp_path):

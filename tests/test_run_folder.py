@@ -75,7 +75,7 @@ def test_a_checkpoint_of_another_split_is_refused(tmp_path: Path, capsys: pytest
         (["--set", "method.ema_decay=2"], "method.ema_decay: a decay must be in [0, 1), got 2.0"),
         (["--set", "method.ema_horizon=-0.1"], "method.ema_horizon: must be >= 0"),
         (["--set", "method.rampup_length=-1"], "method.rampup_length: must be >= 0"),
-        (["--set", "data.crop_size=[0,0]"], "data.crop_size: expected two sizes >= 1"),
+        (["--set", "data.crop_size=[0,0]"], "data.crop_size: expected two sizes >= 7"),
         (["--set", "data.num_workers=-1"], "data.num_workers: must be >= 0"),
         (["--set", "data.num_workers=10000"], "data.num_workers: at most 64 loader processes"),
         (["--workers", "-1"], "distributed.workers: must be >= 0"),

@@ -24,6 +24,8 @@ name on the same storage, which makes Ray hand its latest checkpoint to every wo
 Test hooks (environment variables read by the driver and passed to the workers):
 ``RAYSEMI_TEST_KILL_AT=<iteration>:<marker file>``: rank 0 ``os._exit(1)``s at the first logged iteration >= the
 given one unless the marker exists (it creates it first, so it dies exactly once; use ``train.log_every=1``).
+``RAYSEMI_TEST_STALL_AT=<iteration>:<marker file>``: the same, but rank 0 sleeps (an hour) instead of exiting, so a test
+can kill the whole run at a known iteration.
 ``RAYSEMI_TEST_RECORD_IDS=<folder>``: every rank writes ``rank<r>.json`` with the ``labeled`` and ``unlabeled``
 sample ids it consumed.
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -52,14 +55,24 @@ from torch import nn
 
 from raysemi.config import Config, from_dict, to_dict
 from raysemi.engine.checkpoint import STATE_FILE, load_state
+from raysemi.engine.cluster_shape import refuse_unschedulable_workers
 from raysemi.engine.loop import Callback, Runtime, Trainer, scaled_lr
 from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
 from raysemi.methods import Method
 
 SCORE_METRIC = "val/miou"
+# Ray ranks checkpoints by this copy of SCORE_METRIC, never by SCORE_METRIC itself: a checkpoint taken before the
+# first evaluation has no score, and Ray's checkpoint-manager snapshot (pydantic JSON) stores a NaN or inf score as
+# null, which fails the resumed run at its first checkpoint (ray/train/_internal/checkpoint_manager.py,
+# _CheckpointManager._get_checkpoint_score: ``order_factor * None``). So the rank is always a finite number.
+RANK_METRIC = "checkpoint_rank"
+# Below every mIoU (they lie in [0, 1]): an unevaluated checkpoint is the first to go.
+UNEVALUATED_RANK = -1.0
 KEEP_CHECKPOINTS = 2
 KILL_ENV = "RAYSEMI_TEST_KILL_AT"
+STALL_ENV = "RAYSEMI_TEST_STALL_AT"
+STALL_SECONDS = 3600
 RECORD_IDS_ENV = "RAYSEMI_TEST_RECORD_IDS"
 # Written by Ray Train V2's checkpoint manager; its presence means a re-launch with this name resumes.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -146,8 +159,8 @@ class RayRuntime(Runtime):
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        # A checkpoint without an evaluation yet ranks below every evaluated one instead of logging a missing key.
-        scalars.setdefault(SCORE_METRIC, float("nan"))
+        score = scalars.get(SCORE_METRIC)
+        scalars[RANK_METRIC] = float(score) if score is not None and math.isfinite(score) else UNEVALUATED_RANK
         if state is None:
             ray.train.report(scalars)
             return None
@@ -165,14 +178,17 @@ class RayRuntime(Runtime):
 
 
 class _KillOnce(Callback):
-    """Test hook: end this process abruptly, once per marker file, as a crashed worker would."""
+    """Test hook: end this process abruptly, once per marker file, as a crashed worker would; ``stall`` first
+    sleeps, for a test that kills the whole run while it is stopped here."""
 
-    def __init__(self, iteration: int, marker: Path) -> None:
-        self.iteration, self.marker = iteration, marker
+    def __init__(self, iteration: int, marker: Path, stall: bool = False) -> None:
+        self.iteration, self.marker, self.stall = iteration, marker, stall
 
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
         if iteration >= self.iteration and not self.marker.exists():
             self.marker.touch()
+            if self.stall:
+                time.sleep(STALL_SECONDS)
             os._exit(1)
 
 
@@ -204,9 +220,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             from raysemi.engine.progress import ProgressCallback
 
             callbacks.append(ProgressCallback(cfg.train.iters))
-        if loop_config.get("kill_at"):
-            iteration, marker = loop_config["kill_at"]
-            callbacks.append(_KillOnce(iteration, Path(marker)))
+        for hook in ("kill_at", "stall_at"):
+            if loop_config.get(hook):
+                iteration, marker = loop_config[hook]
+                callbacks.append(_KillOnce(iteration, Path(marker), stall=hook == "stall_at"))
     trainer = Trainer(cfg, runtime, callbacks)
     consumed: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
     if loop_config.get("record_ids"):
@@ -282,6 +299,21 @@ def _check_resume(storage: str, name: str, resume: bool) -> None:
         raise ConfigError(f"{where}: a run with this name already has checkpoints; pass --resume to continue it or choose another --out")
 
 
+def remove_unregistered_checkpoints(storage: str, name: str) -> None:
+    """Delete the checkpoint folders of run ``name`` that Ray's snapshot does not list. A worker writes its
+    checkpoint folder before the controller registers it, so a run killed in between (or whose controller failed)
+    leaves folders no later attempt registers, resumes from or deletes: without this every such attempt adds some."""
+    filesystem, base = pyarrow.fs.FileSystem.from_uri(storage)
+    run = f"{base.rstrip('/')}/{name}"
+    with filesystem.open_input_stream(f"{run}/{SNAPSHOT_FILE}") as stream:
+        snapshot = json.loads(stream.read())
+    results = [*snapshot["checkpoint_results"], snapshot.get("latest_checkpoint_result") or {}]
+    listed = {result.get("checkpoint_dir_name") for result in results}
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(run)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.base_name not in listed:
+            filesystem.delete_dir(info.path)
+
+
 def _absolute_paths(cfg: Config) -> Config:
     """Workers may start in another directory (or on another node): give them absolute local paths."""
 
@@ -321,7 +353,7 @@ def torch_trainer(
 ) -> TorchTrainer:
     """A ``TorchTrainer`` sized by ``cfg.distributed`` that keeps the best checkpoints by val mIoU."""
     spec = cfg.distributed
-    resources: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": spec.cpus_per_worker, **spec.worker_resources}
     if spec.gpu:
         resources["GPU"] = 1
     return TorchTrainer(
@@ -338,7 +370,7 @@ def torch_trainer(
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"
+                num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=RANK_METRIC, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=spec.max_failures),
             callbacks=ray_callbacks,
@@ -348,12 +380,13 @@ def torch_trainer(
 
 def _test_hooks() -> dict[str, Any]:
     hooks: dict[str, Any] = {}
-    kill = os.environ.get(KILL_ENV)
-    if kill:
-        iteration, sep, marker = kill.partition(":")
-        if not (sep and iteration.isdigit() and marker):
-            raise ConfigError(f"{KILL_ENV}={kill!r}: expected <iteration>:<marker file>")
-        hooks["kill_at"] = (int(iteration), str(Path(marker).resolve()))
+    for hook, variable in (("kill_at", KILL_ENV), ("stall_at", STALL_ENV)):
+        value = os.environ.get(variable)
+        if value:
+            iteration, sep, marker = value.partition(":")
+            if not (sep and iteration.isdigit() and marker):
+                raise ConfigError(f"{variable}={value!r}: expected <iteration>:<marker file>")
+            hooks[hook] = (int(iteration), str(Path(marker).resolve()))
     if os.environ.get(RECORD_IDS_ENV):
         hooks["record_ids"] = str(Path(os.environ[RECORD_IDS_ENV]).resolve())
     return hooks
@@ -386,10 +419,14 @@ def fit_distributed(
     cfg = _absolute_paths(cfg)
     started = connect(cfg.distributed.address)
     try:
+        if started and cfg.distributed.address:
+            refuse_unschedulable_workers(cfg.distributed)
         nodes = alive_nodes()
         storage = storage_path(cfg, len(nodes))
         name = run_name or Path(cfg.out).name
         _check_resume(storage, name, resume)
+        if resume:
+            remove_unregistered_checkpoints(storage, name)
         loop_config = {
             "config": to_dict(cfg),
             "checkpoint_root": f"{storage.rstrip('/')}/{name}",
@@ -410,7 +447,7 @@ def fit_distributed(
         if started:
             ray.shutdown()
     summary = dict(result.return_value or json.loads((Path(cfg.out) / "summary.json").read_text()))
-    best = result.get_best_checkpoint(SCORE_METRIC, "max") if result.best_checkpoints else None
+    best = result.get_best_checkpoint(RANK_METRIC, "max") if result.best_checkpoints else None
     summary.update(
         {
             "workers": cfg.distributed.workers,

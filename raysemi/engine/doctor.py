@@ -1,6 +1,8 @@
 """`raysemi doctor`: checks that a machine or cluster can run raysemi before a long job finds out it cannot.
-Each check is a line that says OK or FAIL and why: versions, the Ray cluster's resources, the GPUs torch and
-Ray see, whether the storage path can be written and whether the MLflow tracking store answers."""
+Each check is a line that says OK or FAIL and why: versions, the Ray cluster's resources, an autoscaling cluster's
+node types (current and maximum workers per type) and whether workers asking for given custom resources can ever
+be scheduled, the GPUs torch and Ray see, whether the storage path can be written and whether the MLflow tracking
+store answers."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from raysemi.engine.cluster_shape import ClusterShape
 
 HEALTH_TIMEOUT_S = 3.0
 # Env vars the cluster configs in clusters/ set on every node.
@@ -27,12 +33,15 @@ class Check:
     detail: str
 
 
-def run_doctor(address: str | None, storage: str | None, tracking_uri: str | None) -> list[Check]:
+def run_doctor(address: str | None, storage: str | None, tracking_uri: str | None,
+               worker_resources: dict[str, float] | None = None) -> list[Check]:
     """Run every check. ``address``: a Ray cluster to connect to (``auto``, ``host:port``); without it a
     throw-away local Ray bound to 127.0.0.1 is started (a session this process already has is reused).
-    ``storage`` and ``tracking_uri`` default to ``$RAYSEMI_STORAGE`` and ``$MLFLOW_TRACKING_URI``."""
+    ``storage`` and ``tracking_uri`` default to ``$RAYSEMI_STORAGE`` and ``$MLFLOW_TRACKING_URI``.
+    ``worker_resources``: custom resources a worker will ask for (``--worker-resources``), checked against the
+    cluster's node types."""
     checks = [check_versions()]
-    checks += check_ray(address)
+    checks += check_ray(address, worker_resources)
     checks.append(check_torch_gpus())
     checks.append(check_storage(storage or os.environ.get(STORAGE_ENV)))
     checks.append(check_tracking(tracking_uri or os.environ.get(TRACKING_ENV)))
@@ -60,9 +69,10 @@ def check_versions() -> Check:
     )
 
 
-def check_ray(address: str | None) -> list[Check]:
+def check_ray(address: str | None, worker_resources: dict[str, float] | None = None) -> list[Check]:
     import ray
 
+    from raysemi.engine.cluster_shape import read_cluster_shape
     from raysemi.engine.loopback import start_local_ray
 
     started_here = not ray.is_initialized()
@@ -77,6 +87,7 @@ def check_ray(address: str | None) -> list[Check]:
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         resources = ray.cluster_resources()
+        shape = read_cluster_shape() if address else None
     finally:
         if started_here:
             ray.shutdown()
@@ -93,7 +104,33 @@ def check_ray(address: str | None) -> list[Check]:
             f"{origin}: {len(nodes)} alive node(s), {cpus:g} CPUs, {gpus:g} GPUs, {memory_gib:.1f} GiB memory",
         ),
         Check("gpus (ray)", True, gpu_detail),
+        *check_node_types(shape, resources, worker_resources),
     ]
+
+
+def check_node_types(shape: ClusterShape | None, resources: dict[str, float],
+                     worker_resources: dict[str, float] | None) -> list[Check]:
+    """The node types line (``shape`` None: no autoscaler config was found on the head) and, given
+    ``worker_resources``, whether a 1-CPU worker asking for them can ever be scheduled."""
+    from raysemi.engine.cluster_shape import format_shape, types_that_fit, unsatisfiable, worker_bundle
+
+    if shape is None:
+        checks = [Check("node types", True, "no autoscaler config on the head (a fixed cluster, a local Ray, or an "
+                                           "autoscaler in a container of its own): the cluster is what it is now")]
+    else:
+        checks = [Check("node types", True, format_shape(shape))]
+    if not worker_resources:
+        return checks
+    asked = ", ".join(f"{k}: {v:g}" for k, v in worker_resources.items())
+    if shape is None:
+        missing = [k for k, v in worker_resources.items() if resources.get(k, 0) < v]
+        detail = (f"{{{asked}}}: the alive nodes offer " + ("them" if not missing else f"no {', '.join(missing)}")
+                  + "; whether the cluster can add nodes that do is unknown")
+        return [*checks, Check("worker resources", True, detail)]
+    bundle = worker_bundle(1.0, 0.0, worker_resources)
+    reason = unsatisfiable(shape, [bundle], f"a 1-CPU worker asking for {{{asked}}}")
+    detail = reason or f"a 1-CPU worker asking for {{{asked}}} fits node type(s) {', '.join(types_that_fit(shape, bundle))}"
+    return [*checks, Check("worker resources", reason is None, detail)]
 
 
 def check_torch_gpus() -> Check:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ from typing import Any
 from raysemi.bundled import SEARCH_SPACES, bundled_dir
 from raysemi.config import SECTIONS, from_dict, load_yaml, merge
 from raysemi.errors import ConfigError
+
+#: What every evaluation reports to Tune and a study may rank on: trials are chosen on validation numbers, and a
+#: metric no report holds would only fail the study after Ray has started. ``<network>``: one of the method's
+#: other evaluated networks (``val/miou_teacher`` of mt).
+RANKABLE_METRIC = re.compile(r"val/(miou|pixel_acc|miou_\w+)")
 
 DISTRIBUTIONS = ("uniform", "loguniform", "log1m", "int", "choice")
 COMPLEMENT_PREFIX = "1-"
@@ -137,6 +143,9 @@ def load_space(path: str | Path, method: str, base: dict[str, Any] | None = None
     mode = data.get("mode", "max")
     if not isinstance(metric, str) or not metric.strip():
         raise ConfigError(f"{where}: metric: expected a reported metric name such as val/miou, got {metric!r}")
+    if not RANKABLE_METRIC.fullmatch(metric):
+        raise ConfigError(f"{where}: metric: {metric!r} is never reported; expected val/miou, val/pixel_acc or "
+                          "val/miou_<network> (e.g. val/miou_teacher)")
     if mode not in ("max", "min"):
         raise ConfigError(f"{where}: mode: expected max or min, got {mode!r}")
     raw = data.get("params")

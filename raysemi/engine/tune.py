@@ -345,7 +345,6 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
                              "gpu": opts.gpus_per_trial > 0, "address": opts.address}
     base = from_dict(values)
     _check_study_folder(study_dir, opts.resume)
-    study = _open_study_record(study_dir, base, opts, spaces, budget, name)
 
     import ray
 
@@ -354,7 +353,10 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # finished trials reach the saved state promptly
     started = connect(opts.address, log_to_driver=False)
     try:
-        return _run(cfg, opts, base, spaces, budget, study, study_dir, out, name)
+        # before the study is recorded: a study the cluster can never hold is refused without a trace
+        placement = _concurrency(opts, base)
+        study = _open_study_record(study_dir, base, opts, spaces, budget, name)
+        return _run(cfg, opts, base, spaces, budget, study, study_dir, out, name, placement)
     finally:
         if started:
             ray.shutdown()
@@ -385,10 +387,10 @@ def _method_spaces(cfg: Config, opts: TuneOptions) -> dict[str, SearchSpace]:
 
 
 def _run(cfg: Config, opts: TuneOptions, base: Config, spaces: dict[str, SearchSpace], budget: Budget,
-         study: dict[str, Any], study_dir: Path, out: Path, name: str) -> dict[str, Any]:
+         study: dict[str, Any], study_dir: Path, out: Path, name: str, placement: tuple[float, int]) -> dict[str, Any]:
     from ray import tune
 
-    per_trial_cpus, concurrency = _concurrency(opts, base)
+    per_trial_cpus, concurrency = placement
     multi = bool(opts.methods)
     bases = {m: _without_out(to_dict(_method_config(base, m, multi))) for m in spaces}
     context = {"spaces": spaces, "bases": bases, "study_dir": str(study_dir),
@@ -396,6 +398,8 @@ def _run(cfg: Config, opts: TuneOptions, base: Config, spaces: dict[str, SearchS
     resources = {"cpu": per_trial_cpus}
     if opts.workers_per_trial <= 1 and opts.gpus_per_trial > 0:
         resources["gpu"] = opts.gpus_per_trial
+    if opts.workers_per_trial <= 1:
+        resources.update(base.distributed.worker_resources)  # the trial is the worker
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     tuner = _tuner(trainable, base, opts, spaces, budget, name, out, study_dir, concurrency)
     grid = tuner.fit()
@@ -483,23 +487,44 @@ def _check_same_spaces(saved: dict[str, Any] | None, searched: dict[str, Any], s
 
 
 def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
-    """CPUs reserved by a trial's driver and how many trials the cluster holds at once without deadlock."""
+    """CPUs reserved by a trial's driver and how many trials the cluster holds at once without deadlock: on a
+    cluster whose autoscaler's node types are known (``cluster_shape``), at its largest, refusing a trial that can
+    never be placed; elsewhere as it is now."""
     import ray
 
-    available = ray.cluster_resources()
-    cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    from raysemi.engine.cluster_shape import (
+        check_satisfiable,
+        max_concurrent,
+        read_cluster_shape,
+        worker_bundle,
+    )
+
+    custom = cfg.distributed.worker_resources
     if opts.workers_per_trial <= 1:
         need_cpu, need_gpu, driver = opts.cpus_per_trial, opts.gpus_per_trial, opts.cpus_per_trial
+        bundles = [worker_bundle(opts.cpus_per_trial, opts.gpus_per_trial, custom)]
     else:
         # The trial's driver holds 1 CPU; its Train workers need theirs outside the trial's placement group.
         driver = 1.0
         need_cpu = driver + opts.workers_per_trial * cfg.distributed.cpus_per_worker
         need_gpu = opts.workers_per_trial * (1.0 if opts.gpus_per_trial > 0 else 0.0)
+        worker = worker_bundle(cfg.distributed.cpus_per_worker, 1.0 if opts.gpus_per_trial > 0 else 0.0, custom)
+        bundles = [{"CPU": driver}] + [worker] * opts.workers_per_trial
+    shape = read_cluster_shape() if opts.address else None
+    if shape is not None:
+        check_satisfiable(shape, bundles, "a trial")
+        return driver, max_concurrent(shape, bundles, opts.concurrency)
+    available = ray.cluster_resources()
+    cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
     fits = int(cpus // need_cpu) if need_cpu else opts.concurrency
     if need_gpu:
         fits = min(fits, int(gpus // need_gpu))
+    for name, amount in custom.items():
+        fits = min(fits, int(float(available.get(name, 0)) // (amount * max(1, opts.workers_per_trial))))
     if fits < 1:
-        raise ConfigError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU; the Ray cluster has {cpus:g} CPU and {gpus:g} GPU")
+        extra = "".join(f" and {v:g} {k}" for k, v in custom.items())
+        raise ConfigError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU{extra}; the Ray cluster has {cpus:g} CPU "
+                          f"and {gpus:g} GPU{''.join(f' and {float(available.get(k, 0)):g} {k}' for k in custom)}")
     return driver, min(opts.concurrency, fits)
 
 
