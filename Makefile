@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 METHOD ?= gcl
 
-.PHONY: setup tune train test lint clean
+.PHONY: setup tune train test test-cluster lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check raysemi tests benchmarks
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not cluster" --durations=15
+
+# The simulated autoscaling cluster's end-to-end tests (scale-up from zero, a lost node, scale-down): about 4
+# minutes more than make test's budget allows.
+test-cluster: setup
+	$(BIN)/pytest -q -m cluster --durations=5
 
 lint: setup
 	$(BIN)/ruff check raysemi tests benchmarks

@@ -305,6 +305,7 @@ def _alive_head(cluster: Cluster) -> bool:
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_a_study_scales_up_from_zero_workers_and_the_cluster_shrinks_back(cluster: Cluster, tmp_path: Path) -> None:
     # The study's own resources fitting is what lets it start at all (the cluster has 0 CPUs now); the refusal of
     # one that never fits is unit-tested above, the head probe it relies on is the doctor's.
@@ -329,6 +330,7 @@ def test_a_study_scales_up_from_zero_workers_and_the_cluster_shrinks_back(cluste
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_a_preempted_worker_node_is_replaced_and_the_run_ends_as_if_uninterrupted(cluster: Cluster, tmp_path: Path) -> None:
     """Rank 0 dies at iteration 3 (after the checkpoint of iteration 2) and at that moment the provider takes a worker
     node away (the pool's max_workers drops to 1, as when spot capacity is reclaimed); once the pool is back to 2,
