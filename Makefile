@@ -24,7 +24,7 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check raysemi tests benchmarks
-	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not cluster" --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not cluster" --durations=15
 
 # The simulated autoscaling cluster's end-to-end tests (scale-up from zero, a lost node, scale-down): about 4
 # minutes more than make test's budget allows.

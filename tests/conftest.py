@@ -12,26 +12,6 @@ from raysemi.methods.base import DataInfo
 
 torch.set_num_threads(int(os.environ.get("RAYSEMI_TEST_THREADS", "1")))
 
-
-#: Ray tests run in two chains, one per xdist worker, of about equal length (measured, `--durations`): these
-#: modules form the second; every other Ray test the first.
-SECOND_RAY_CHAIN = {"tests.test_tune", "tests.test_predict", "tests.test_ray_multinode"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its own hook of the same name)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Scheduling groups for `pytest -n 2 --dist loadgroup` (the CI command): the suite is mostly single-threaded
-    and waits on start-ups, so two workers share the cores. Ray tests form two chains, so that each worker runs at
-    most one local Ray at a time; every other test stays with its module, so that a module-scoped fixture is built
-    once, not once per worker."""
-    for item in items:
-        module = item.module.__name__
-        if item.get_closest_marker("ray"):
-            group = "ray-2" if module in SECOND_RAY_CHAIN else "ray-1"
-        else:
-            group = module
-        item.add_marker(pytest.mark.xdist_group(group))
-
 PROBE_CLASSES = 4
 PROBE_SIZE = (32, 32)
 
