@@ -501,31 +501,33 @@ def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
 
     custom = cfg.distributed.worker_resources
     if opts.workers_per_trial <= 1:
-        need_cpu, need_gpu, driver = opts.cpus_per_trial, opts.gpus_per_trial, opts.cpus_per_trial
+        driver = opts.cpus_per_trial
         bundles = [worker_bundle(opts.cpus_per_trial, opts.gpus_per_trial, custom)]
     else:
         # The trial's driver holds 1 CPU; its Train workers need theirs outside the trial's placement group.
         driver = 1.0
-        need_cpu = driver + opts.workers_per_trial * cfg.distributed.cpus_per_worker
-        need_gpu = opts.workers_per_trial * (1.0 if opts.gpus_per_trial > 0 else 0.0)
         worker = worker_bundle(cfg.distributed.cpus_per_worker, 1.0 if opts.gpus_per_trial > 0 else 0.0, custom)
         bundles = [{"CPU": driver}] + [worker] * opts.workers_per_trial
     shape = read_cluster_shape() if opts.address else None
     if shape is not None:
         check_satisfiable(shape, bundles, "a trial")
         return driver, max_concurrent(shape, bundles, opts.concurrency)
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            need[name] = need.get(name, 0.0) + amount
+    need_cpu, need_gpu = need.get("CPU", 0.0), need.get("GPU", 0.0)
     available = ray.cluster_resources()
     cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
-    fits = int(cpus // need_cpu) if need_cpu else opts.concurrency
-    if need_gpu:
-        fits = min(fits, int(gpus // need_gpu))
-    for name, amount in custom.items():
-        fits = min(fits, int(float(available.get(name, 0)) // (amount * max(1, opts.workers_per_trial))))
+    fits = opts.concurrency
+    for name, amount in need.items():
+        if amount:
+            fits = min(fits, int(float(available.get(name, 0)) // amount))
     if fits < 1:
         extra = "".join(f" and {v:g} {k}" for k, v in custom.items())
         raise ConfigError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU{extra}; the Ray cluster has {cpus:g} CPU "
                           f"and {gpus:g} GPU{''.join(f' and {float(available.get(k, 0)):g} {k}' for k in custom)}")
-    return driver, min(opts.concurrency, fits)
+    return driver, fits
 
 
 def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, spaces: dict[str, SearchSpace], budget: Budget, name: str,
