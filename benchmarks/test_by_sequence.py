@@ -18,33 +18,32 @@ from typing import Any
 
 import torch
 
+from raysemi.config import from_dict, merge
+from raysemi.data.datasets import build_dataset
 from raysemi.data.loaders import _eval_loader
+from raysemi.engine.checkpoint import load_state
 from raysemi.engine.evaluate import evaluate
-from raysemi.engine.loop import trainer_from_checkpoint
+from raysemi.engine.rebuild import build_eval_method
 from raysemi.metrics import summarize
 
 SPLIT = "test"
 
 
 def score_by_prefix(run: Path, data_root: str | None) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"val_split": SPLIT, "test_split": None}
-    if data_root:
-        overrides["root"] = data_root
-    trainer, state = trainer_from_checkpoint(run / "checkpoints" / "last.pt", overrides, device="cpu")
-    cfg = trainer.cfg
-    trainer.method.eval()
-    test_set = trainer.loaders.val.dataset.dataset
+    state = load_state(run / "checkpoints" / "last.pt")
+    method, _, info = build_eval_method(state, "cpu")
+    overrides = {"data": {"root": data_root} if data_root else {}, "tracking": {"enabled": False}}
+    data = from_dict(merge(state["config"], overrides)).data
+    test_set = build_dataset(data.dataset, SPLIT, data.root)
     names = [item.name for item in test_set.items]
     prefixes = sorted({name.split("_")[0] for name in names})
-    info = trainer.loaders.info
     scores: dict[str, Any] = {}
-    with torch.no_grad():
-        for prefix in [*prefixes, "all"]:
-            positions = [i for i, name in enumerate(names) if prefix == "all" or name.startswith(prefix + "_")]
-            loader = _eval_loader(test_set, positions, cfg.data, 0, 1)
-            confusion = evaluate(trainer.method.predict, loader, info.num_classes, cfg.data.eval_mode,
-                                 cfg.data.crop_size, torch.device("cpu"))
-            scores[prefix] = {"frames": len(positions), "miou": summarize(confusion, info.class_names)["miou"]}
+    for prefix in [*prefixes, "all"]:
+        positions = [i for i, name in enumerate(names) if prefix == "all" or name.startswith(prefix + "_")]
+        loader = _eval_loader(test_set, positions, data, 0, 1)
+        confusion = evaluate(method.predict, loader, info.num_classes, data.eval_mode, data.crop_size,
+                             torch.device("cpu"))
+        scores[prefix] = {"frames": len(positions), "miou": summarize(confusion, info.class_names)["miou"]}
     return {"run": run.name, "method": state["method_name"], "iteration": state["iteration"],
             "split_digest": state.get("split_digest"), "scores": scores}
 

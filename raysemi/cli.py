@@ -13,10 +13,11 @@ from typing import Any
 from raysemi.errors import RaysemiError, RaysemiWarning
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, labeled: bool = True) -> None:
     p.add_argument("--dataset", help="registered dataset (see `raysemi datasets`); default synthetic")
     p.add_argument("--data-root", help="dataset folder (not needed for synthetic)")
-    p.add_argument("--labeled", help="labelled split: fraction 1/8, count 92, 'all', a list file or a split folder")
+    if labeled:
+        p.add_argument("--labeled", help="labelled split: fraction 1/8, count 92, 'all', a list file or a split folder")
     p.add_argument("--eval-mode", choices=["whole", "sliding", "center_crop"], help="how validation images are predicted")
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or models:/NAME@ALIAS")
-    _add_data_args(p)
+    _add_data_args(p, labeled=False)  # eval reads only the split it scores, never the training split
     p.add_argument("--val-split", help="split to evaluate (default: the run's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ checkpoints")
     p.add_argument("--device", default="auto")
@@ -257,7 +258,7 @@ def _train(cfg: Any, resume: bool) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raysemi.engine.loop import evaluate_checkpoint
+    from raysemi.engine.rebuild import evaluate_checkpoint
 
     checkpoint = args.checkpoint
     if checkpoint.startswith("models:/"):
@@ -267,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         card = model_card(args.checkpoint, args.tracking_uri)
         if card:
             print(card)
-    overrides = {k: v for k, v in (("dataset", args.dataset), ("root", args.data_root), ("labeled", args.labeled), ("eval_mode", args.eval_mode), ("val_split", args.val_split)) if v is not None}
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("root", args.data_root), ("eval_mode", args.eval_mode), ("val_split", args.val_split)) if v is not None}
     result = evaluate_checkpoint(checkpoint, overrides, device=args.device)
     _print_summary(result, args.json, f"val mIoU {result['val_miou']:.4f} ({result['eval_mode']}, {result['dataset']}/{result['val_split']})")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,28 @@ def test_train_json_then_eval_on_a_folder_dataset(capsys, tmp_path: Path) -> Non
     assert main(["eval", "--checkpoint", summary["checkpoint"], "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["val_miou"] == pytest.approx(summary["val_miou"])
+
+
+@pytest.mark.parametrize("method", ["mt", "te"])
+def test_eval_reads_only_the_split_it_scores(capsys, tmp_path: Path, method: str) -> None:
+    """eval rebuilds the method from the checkpoint alone: with the training images gone it scores val exactly as
+    the run did, every net included (mt's teacher; te's bank is sized by the training split), and a split whose
+    class count differs from the checkpoint's is one line."""
+    root = make_folder_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--dataset", "folder", "--data-root", str(root), "--labeled", "2", *TINY_RUN, "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shutil.rmtree(root / "images" / "train")
+    shutil.rmtree(root / "masks" / "train")
+    assert main(["eval", "--checkpoint", summary["checkpoint"], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = {key: value for key, value in result.items() if key.startswith("val_miou")}
+    assert scores == {key: value for key, value in summary.items() if key.startswith("val_miou")}
+    assert result["per_class_iou"] == summary["per_class_iou"]
+    other = make_folder_dataset(tmp_path / "four")
+    (other / "classes.txt").write_text("a\nb\nc\nd\n")
+    err = run_error(capsys, ["eval", "--checkpoint", summary["checkpoint"], "--data-root", str(other)])
+    assert "checkpoint predicts 3 classes, dataset 'folder' split 'val' has 4" in err
 
 
 def test_listings(capsys) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from raysemi.config import from_dict
 from raysemi.engine.checkpoint import load_state
-from raysemi.engine.loop import Callback, evaluate_checkpoint, fit
+from raysemi.engine.loop import Callback, fit
+from raysemi.engine.rebuild import evaluate_checkpoint
 from raysemi.errors import CheckpointError
 
 

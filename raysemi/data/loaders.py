@@ -222,8 +222,14 @@ def build_loaders(
     labels of unlabelled samples as ``eval_masks`` (logging only) when the dataset has labels."""
     train_split = train_split_name(data.dataset, data.root)
     train_set = build_dataset(data.dataset, train_split, data.root, **dataset_options(data, train_split))
-    val_set = _eval_set(data, data.val_split, train_set, train_split)
-    test_set = _eval_set(data, data.test_split, train_set, train_split) if data.test_split else None
+    val = eval_loader(data, data.val_split, rank, world, limit=data.val_limit)
+    test = eval_loader(data, data.test_split, rank, world) if data.test_split else None
+    for loader, split_name in ((val, data.val_split), (test, data.test_split)):
+        if loader is not None and loader.dataset.dataset.num_classes != train_set.num_classes:
+            raise DataError(
+                f"dataset {data.dataset}: split {split_name!r} has {loader.dataset.dataset.num_classes} classes, "
+                f"{train_split!r} has {train_set.num_classes}"
+            )
     split = make_split(train_set, data.labeled, data.split_seed)
     unlabeled_subset = split.unlabeled or split.labeled
     train_samples = ResizedSamples(train_set, data.resolution_scale, data.cache)
@@ -246,11 +252,6 @@ def build_loaders(
     unlabeled_sampler = InfiniteShardedSampler(
         len(unlabeled_subset), seed + UNLABELED_SEED_OFFSET, rank, world, unlabeled_start
     )
-    val_positions = list(range(len(val_set)))
-    if data.val_limit > 0:
-        val_positions = val_positions[: data.val_limit]
-    if not val_positions:
-        raise DataError(f"dataset {data.dataset} split {data.val_split!r} has no images to evaluate on")
     info = DataInfo(
         num_classes=train_set.num_classes,
         class_names=tuple(train_set.class_names),
@@ -268,26 +269,24 @@ def build_loaders(
             data,
             unlabeled_sampler,
         ),
-        val=_eval_loader(val_set, val_positions, data, rank, world),
+        val=val,
         info=info,
         split=split,
         dataset_name=data.dataset,
-        test=_eval_loader(test_set, list(range(len(test_set))), data, rank, world) if test_set else None,
+        test=test,
     )
 
 
-def _eval_set(data: DataConfig, split_name: str, train_set: SegDataset, train_split: str) -> SegDataset:
+def eval_loader(data: DataConfig, split_name: str, rank: int = 0, world: int = 1, limit: int = 0) -> DataLoader:
+    """The loader of one labelled evaluation split (its first ``limit`` images when ``limit`` > 0), sharded as
+    ``range(rank, n, world)``. Reads only that split, so a checkpoint can be scored without its training data."""
     dataset = build_dataset(data.dataset, split_name, data.root, **dataset_options(data, split_name))
     if len(dataset) == 0:
         raise DataError(f"dataset {data.dataset} split {split_name!r} has no images to evaluate on")
     if not dataset.has_labels:
         raise DataError(f"dataset {data.dataset} split {split_name!r} has no labels to evaluate on")
-    if dataset.num_classes != train_set.num_classes:
-        raise DataError(
-            f"dataset {data.dataset}: split {split_name!r} has {dataset.num_classes} classes, "
-            f"{train_split!r} has {train_set.num_classes}"
-        )
-    return dataset
+    positions = list(range(len(dataset)))
+    return _eval_loader(dataset, positions[:limit] if limit > 0 else positions, data, rank, world)
 
 
 def _eval_loader(dataset: SegDataset, positions: list[int], data: DataConfig, rank: int, world: int) -> DataLoader:

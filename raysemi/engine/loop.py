@@ -33,6 +33,20 @@ from raysemi.metrics import summarize
 from raysemi.models import build_model
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``train.device``: ``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N`` of a device present."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device {spec}: no CUDA device is available; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device {spec}: only {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    return device
+
+
 class Runtime:
     """Where the loop runs. The plain runtime: one process, checkpoints in ``<out>/checkpoints``."""
 
@@ -48,16 +62,7 @@ class Runtime:
         return self.rank == 0
 
     def device(self, cfg: Config) -> torch.device:
-        if cfg.train.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(cfg.train.device)
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ConfigError(f"train.device {cfg.train.device}: no CUDA device is available; use auto or cpu")
-            if device.index is not None and device.index >= count:
-                raise ConfigError(f"train.device {cfg.train.device}: only {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
-        return device
+        return resolve_device(cfg.train.device)
 
     def wrap(self, method: Method) -> nn.Module:
         return method
@@ -449,46 +454,3 @@ def fit(cfg: Config, resume: bool = False, callbacks: list[Callback] | None = No
     """Train in this process (no Ray) and return the run summary."""
     trainer = Trainer(cfg, Runtime(Path(cfg.out), resume=resume), callbacks)
     return trainer.fit()
-
-
-def trainer_from_checkpoint(path: str | Path, data_overrides: dict[str, Any] | None = None,
-                            device: str = "auto") -> tuple[Trainer, dict[str, Any]]:
-    """A Trainer rebuilt from a checkpoint's config (``data_overrides`` replace data keys), with the checkpoint's
-    weights loaded and tracking off; also the loaded state."""
-    from raysemi.config import from_dict, merge
-
-    state = load_state(path)
-    values = merge(state["config"], {"data": data_overrides or {}, "train": {"device": device}})
-    values["tracking"] = {**values.get("tracking", {}), "enabled": False}
-    cfg = from_dict(values)
-    trainer = Trainer(cfg, Runtime(Path(cfg.out)), callbacks=[])
-    if trainer.loaders.info.num_classes != state["num_classes"]:
-        raise CheckpointError(
-            f"{path}: checkpoint predicts {state['num_classes']} classes, dataset {cfg.data.dataset!r} has "
-            f"{trainer.loaders.info.num_classes}"
-        )
-    try:
-        trainer.method.load_state_dict(state["method"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the method/model ({str(exc).splitlines()[0][:160]})") from None
-    return trainer, state
-
-
-def evaluate_checkpoint(path: str, data_overrides: dict[str, Any] | None = None, device: str = "auto") -> dict[str, Any]:
-    """Evaluate a checkpoint's evaluation network on a dataset's validation split (by default the one it was
-    trained with; ``data_overrides`` replaces data config keys, e.g. dataset, root, eval_mode, val_split)."""
-    trainer, state = trainer_from_checkpoint(path, data_overrides, device)
-    cfg = trainer.cfg
-    metrics = trainer.evaluate(final=True)
-    return {
-        "checkpoint": str(path),
-        "method": cfg.method_name,
-        "dataset": cfg.data.dataset,
-        "val_split": cfg.data.val_split,
-        "eval_mode": cfg.data.eval_mode,
-        "iteration": state["iteration"],
-        "val_miou": metrics["val/miou"],
-        "val_pixel_acc": metrics["val/pixel_acc"],
-        "per_class_iou": metrics["per_class_iou"],
-        **{k.replace("val/", "val_"): v for k, v in metrics.items() if k.startswith("val/miou_")},
-    }

@@ -34,7 +34,7 @@ def default_registry_uri() -> str:
 def eval_network(state: dict[str, Any]) -> Any:
     """Rebuild the method from a checkpoint's config (no data read) and return its evaluation network with the
     trained weights."""
-    from raysemi.engine.predict import build_eval_method
+    from raysemi.engine.rebuild import build_eval_method
 
     method, _, _ = build_eval_method(state, "cpu")
     return method.eval_model().eval()
