@@ -3,9 +3,12 @@ built wheel holds every file of the top-level search_spaces/ and recipes/ plus e
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,11 +56,12 @@ def test_the_wheel_package_list_names_every_package() -> None:
     assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
 
 
-@pytest.mark.slow
-def test_the_wheel_ships_the_bundled_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Builds the wheel offline from a copy of the sources (a build writes build/ and *.egg-info next to them)."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built offline from a copy of the sources (a build writes build/ and *.egg-info next to them)."""
     pytest.importorskip("setuptools")
-    source = tmp_path / "source"
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
     source.mkdir()
     for name in BUILD_INPUTS:
         if (ROOT / name).is_dir():
@@ -66,11 +70,16 @@ def test_the_wheel_ships_the_bundled_folders(tmp_path: Path, monkeypatch: pytest
             shutil.copy2(ROOT / name, source / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(tmp_path / "dist"), str(source)],
+         "-w", str(work / "dist"), str(source)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("raysemi-*.whl")
+    (built,) = (work / "dist").glob("raysemi-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_bundled_folders(wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
         archive.extractall(tmp_path / "site")
@@ -79,3 +88,48 @@ def test_the_wheel_ships_the_bundled_folders(tmp_path: Path, monkeypatch: pytest
     expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "raysemi").rglob("*.py")}
     assert not expected - shipped, f"missing from the wheel: {sorted(expected - shipped)[:10]}"
     _installed_lookups_work(tmp_path / "site", monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_study_runs_from_the_wheel_installed_in_a_fresh_virtualenv(wheel: Path, tmp_path: Path) -> None:
+    """``pip install`` of the wheel (not editable) into a new virtualenv, used from a folder outside the checkout:
+    ``raysemi methods`` lists every method and a 2-trial ``raysemi tune`` finds its default space in the installed
+    package. The virtualenv gets raysemi alone (``--no-deps``); its dependencies are this interpreter's, through a
+    path file (installing torch, Ray and MLflow afresh would take minutes). A path line, unlike a site folder, does
+    not run that folder's ``.pth`` files, so the checkout's editable install cannot answer the import: the test
+    checks that ``raysemi`` comes from the virtualenv."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "raysemi_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+    def run(*argv: str | Path, timeout: float = 120) -> str:
+        done = subprocess.run([str(a) for a in argv], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{argv[:3]}: {done.stderr[-2000:]}"
+        return done.stdout
+
+    imported = Path(run(python, "-c", "import raysemi; print(raysemi.__file__)").strip())
+    assert imported.is_relative_to(Path(site)), f"raysemi imported from {imported}, not the virtualenv"
+    listed = run(venv / "bin" / "raysemi", "methods", "--json")
+    assert set(json.loads(listed)) == set(METHODS.names())
+    stdout = run(venv / "bin" / "raysemi", "tune", "--method", "mt", "--dataset", "synthetic", "--model", "tiny",
+                 "--trials", "2", "--iters", "4", "--batch-size", "2", "--concurrency", "1", "--searcher", "random",
+                 "--seed", "0", "--set", "data.crop_size=[16,16]", "--set", "data.synthetic_size=[16,16]",
+                 "--set", "data.synthetic_train=16", "--set", "data.synthetic_val=4", "--set", "train.eval_every=2",
+                 "--out", "studies", "--tracking-uri", f"sqlite:///{work / 'mlruns.db'}", "--json", timeout=480)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    study_dir = work / summary["study_dir"]
+    assert len((study_dir / "leaderboard.csv").read_text().splitlines()) == 3 and summary["model_version"] == "1"
+    study = json.loads((study_dir / "study.json").read_text())
+    assert study["spaces"]["mt"] == load_space(default_space_path("mt"), "mt").as_dict()
