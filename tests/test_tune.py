@@ -24,9 +24,11 @@ from raysemi.config import from_dict
 from raysemi.engine.search_space import default_space_path, load_space
 from raysemi.engine.study_report import TrialRow
 from raysemi.engine.tune import (
+    Budget,
     MethodChoice,
     TuneOptions,
     _check_same_spaces,
+    _rows,
     plan_budget,
     quick_settings,
     resolve_methods,
@@ -205,6 +207,29 @@ def test_resuming_with_a_changed_space_names_the_changed_parameter(tmp_path: Pat
         _check_same_spaces(saved, changed, {"supervised": space}, tmp_path)
     with pytest.raises(ConfigError, match="searched methods supervised, not mt"):
         _check_same_spaces(saved, {"mt": space.as_dict()}, {"mt": space}, tmp_path)
+
+
+def test_a_trial_that_never_reported_is_not_started_not_early_stopped(tmp_path: Path) -> None:
+    """A study stopped while a trial's actor was still starting: Ray restores that trial with its id and config but
+    no iteration, which the leaderboard called early-stopped (ASHA never stopped it)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    space = load_space(default_space_path("supervised"), "supervised")
+    sampled = {name: 0.01 for name in (p.name for p in space.params)}
+    reported = pd.DataFrame({"val/miou": [0.3], "iteration": [2], "timestamp": [1.0]})
+
+    def result(name: str, metrics: dict, df: object) -> SimpleNamespace:
+        return SimpleNamespace(metrics_dataframe=df, metrics=metrics, path=str(tmp_path / name), error=None,
+                               get_best_checkpoint=lambda metric, mode: None)
+
+    grid = [result("started", {"trial_id": "a", "config": sampled}, None),
+            result("stopped", {"trial_id": "b", "config": sampled, "iteration": 2}, reported),
+            result("done", {"trial_id": "c", "config": sampled, "iteration": 4}, reported)]
+    budget = Budget(iters=4, eval_every=2, max_t=2, grace=1, warmup=0.0)
+    status = {row.trial_id: row.status for row in _rows(grid, {"supervised": space}, budget)}
+    assert status == {"a": "not-started", "b": "early-stopped", "c": "completed"}
 
 
 def test_the_method_leaderboard_keeps_each_methods_best_trial(tmp_path: Path) -> None:

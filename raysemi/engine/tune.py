@@ -587,7 +587,8 @@ def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget) -> list[Tri
         elif iterations >= budget.iters:
             status = "completed"
         else:
-            status = "early-stopped" if metrics else "not-started"
+            # a trial restored from an interrupted study keeps its id and config without having reported
+            status = "early-stopped" if iterations > 0 else "not-started"
         checkpoint = None
         with contextlib.suppress(Exception):  # no checkpoint reported: the trial failed before its first eval
             best_ckpt = result.get_best_checkpoint(space.metric, space.mode)
