@@ -297,3 +297,33 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr("raysemi.engine.loop.fit", interrupted)
     assert main([*TRAIN, "--out", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err.strip() == "raysemi train: interrupted"
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """From the second checkpoint on, torch.save fails as it does when the disk fills mid-write (the message was
+    measured on a 300 KB tmpfs); the run stops with one line and the first checkpoint stays, readable by others
+    (the umask's mode, not mkstemp's 0600)."""
+    real_save, saves = torch.save, []
+
+    def disk_fills(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        saves.append(obj)
+        if len(saves) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 73856 vs 73752")
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    out = tmp_path / "run"
+    code = main([*TRAIN, "--iters", "6", "--set", "train.checkpoint_every=2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    last = out / "checkpoints" / "last.pt"
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"raysemi train: error: {last}: checkpoint not written ([enforce fail") and err.endswith(
+        "MiB free there); the previous checkpoint is kept"), err
+    assert torch.load(last, weights_only=True)["iteration"] == 2
+    assert not list(last.parent.glob(".*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert last.stat().st_mode & 0o777 == 0o666 & ~umask

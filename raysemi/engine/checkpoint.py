@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -31,11 +32,29 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())  # mkstemp's 0600, not what the user's umask gives every other file of the run
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and _is_write_failure(exc)):
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = "the previous checkpoint is kept" if path.exists() else "no earlier checkpoint"
+            raise CheckpointError(f"{path}: checkpoint not written ({reason[:120]}; {free:.1f} MiB free there); "
+                                  f"{kept}") from None
         raise
     return path
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    """torch.save's zip writer reports a short write (a full disk, a size limit) as a RuntimeError."""
+    return any(sign in str(exc) for sign in ("unexpected pos", "file write failed"))
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def remove_stale_temp_files(folder: Path) -> None:
