@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from raysemi.engine.loop import fit
 from raysemi.engine.tracking import MlflowCallback
-from tests.test_loop import small_config
+from tests.test_loop import StopAt, small_config
 
 
 def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
@@ -28,6 +28,23 @@ def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
     assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "per_class_iou.csv", "confusion_matrix.png", "predictions.png", "summary.json", "split"} <= artifacts
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path) -> None:
+    """Stopped after its checkpoint at iteration 3 and resumed: one MLflow run, finished, whose val/miou history
+    holds both attempts' evaluations (before, each attempt opened its own run and the first stayed RUNNING)."""
+    cfg = small_config(tmp_path / "runs" / "mt", iters=6, eval_every=2)
+    cfg.tracking.enabled = True
+    try:
+        fit(cfg, callbacks=[MlflowCallback(cfg), StopAt(4)])
+    except KeyboardInterrupt:
+        pass
+    summary = fit(cfg, resume=True, callbacks=[MlflowCallback(cfg)])
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [run.info.run_id for run in runs] == [summary["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val/miou")] == [2, 4, 6]
 
 
 def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path: Path) -> None:

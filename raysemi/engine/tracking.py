@@ -234,6 +234,10 @@ def dataset_inputs(trainer: Trainer) -> list[Any]:
     return inputs
 
 
+#: The run folder's record of its MLflow run, so that ``--resume`` continues it instead of opening another.
+RUN_RECORD = "mlflow_run.json"
+
+
 class MlflowCallback(Callback):
     """Logs one training run. ``parent_run_id`` nests it under a study run; ``extra_params`` adds e.g. the
     scaling config or a trial id. The store is opened here, before the run writes anything; a failure after that
@@ -267,6 +271,8 @@ class MlflowCallback(Callback):
         self._tracked(trainer.iteration, lambda: self._start(trainer))
 
     def _start(self, trainer: Trainer) -> None:
+        if trainer.iteration > 0 and self._continue_interrupted(trainer):
+            return
         tags = {"raysemi.method": trainer.cfg.method_name, "raysemi.dataset": trainer.cfg.data.dataset}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -289,6 +295,26 @@ class MlflowCallback(Callback):
         for run_id in (self.run_id, self.parent_run_id):
             if run_id:
                 self._log_inputs(run_id, inputs)
+        (trainer.out_dir / RUN_RECORD).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
+
+    def _continue_interrupted(self, trainer: Trainer) -> bool:
+        """A resumed run goes on logging into the MLflow run its interrupted attempt opened (named in the run
+        folder), when that run is in this store and experiment; its params are already there."""
+        try:
+            saved = json.loads((trainer.out_dir / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            return False
+        if saved.get("tracking_uri") != self.uri:
+            return False
+        try:
+            run = self.client.get_run(str(saved.get("run_id")))
+        except MlflowException:
+            return False
+        if run.info.experiment_id != self.experiment_id:
+            return False
+        self.run_id = run.info.run_id
+        self.client.update_run(self.run_id, status="RUNNING")
+        return True
 
     def _log_inputs(self, run_id: str, inputs: list[Any]) -> None:
         try:
