@@ -26,10 +26,10 @@ from raysemi.config import DataConfig
 from raysemi.data.batch import IGNORE_INDEX, collate
 from raysemi.data.boxes import box_channels, boxes_from_mask, crop_boxes
 from raysemi.data.datasets import SegDataset, build_dataset, train_split_name
+from raysemi.data.info import DataInfo
 from raysemi.data.splits import Split, make_split
 from raysemi.data.transforms import STRONG_AUGS, Photometric, eval_view, resize_pair, train_views
 from raysemi.errors import DataError
-from raysemi.methods.base import DataInfo
 
 EVAL_BATCH = 4
 UNLABELED_SEED_OFFSET = 7919

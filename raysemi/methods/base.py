@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from raysemi.data.batch import Batch
+from raysemi.data.info import DataInfo
 from raysemi.errors import ConfigError
 from raysemi.registry import Registry
 from raysemi.values import check_range, coerce_value
@@ -37,21 +38,6 @@ class Progress:
     @property
     def fraction(self) -> float:
         return self.iteration / max(self.total, 1)
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a method may know about the data: class count, names, ignore index, background class (or None),
-    classes excluded from adaptive sampling, number of unlabelled samples (size of per-sample banks) and the
-    training crop (H, W) (some methods size kernels from it)."""
-
-    num_classes: int
-    class_names: tuple[str, ...] = ()
-    background_class: int | None = None
-    easy_classes: tuple[int, ...] = ()
-    num_unlabeled: int = 0
-    num_labeled: int = 0
-    crop_size: tuple[int, int] = (64, 64)
 
 
 @dataclass
