@@ -171,7 +171,9 @@ def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None =
     elif "out" not in values:
         method = values.get("method", {}).get("name", "supervised")
         values["out"] = f"runs/{method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return from_dict(resolve_references(values))
+    from raysemi.methods import checked_config
+
+    return checked_config(from_dict(resolve_references(values)))
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -268,7 +268,8 @@ def _coerce_field(key: str, value: Any, default: Any) -> Any:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build a Config from nested dicts, failing with the dotted key name on unknown keys or bad values."""
+    """Build a Config from nested dicts, failing with the dotted key name on unknown keys or bad values. The
+    ``method`` section is checked against its method by ``raysemi.methods.checked_config``."""
     if not isinstance(values, dict):
         raise ConfigError(f"config: expected a mapping at top level, got {type(values).__name__}")
     kwargs: dict[str, Any] = {}
@@ -283,17 +284,7 @@ def from_dict(values: dict[str, Any]) -> Config:
             kwargs[key] = str(value)
         else:
             kwargs[key] = _build_section(key, type(getattr(Config(), key)), value)
-    cfg = Config(**kwargs)
-    validate_method(cfg)
-    return cfg
-
-
-def validate_method(cfg: Config) -> None:
-    """Fail early on an unknown method or hyperparameter."""
-    from raysemi.methods import METHODS
-    from raysemi.methods.base import build_hparams
-
-    build_hparams(METHODS.get(cfg.method_name), cfg.method_params)
+    return Config(**kwargs)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -2,6 +2,7 @@ import pytest
 
 from raysemi.config import apply_overrides, from_dict, load_yaml, to_dict
 from raysemi.errors import ConfigError
+from raysemi.methods import checked_config
 
 
 def test_overrides_reach_typed_fields() -> None:
@@ -30,7 +31,7 @@ def test_overrides_reach_typed_fields() -> None:
 )
 def test_bad_values_name_their_key(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        from_dict(values)
+        checked_config(from_dict(values))
 
 
 def test_set_needs_section_and_key() -> None:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from raysemi.engine.loop import fit
@@ -35,10 +36,8 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path) -> None:
     holds both attempts' evaluations (before, each attempt opened its own run and the first stayed RUNNING)."""
     cfg = small_config(tmp_path / "runs" / "mt", iters=6, eval_every=2)
     cfg.tracking.enabled = True
-    try:
+    with pytest.raises(KeyboardInterrupt):
         fit(cfg, callbacks=[MlflowCallback(cfg), StopAt(4)])
-    except KeyboardInterrupt:
-        pass
     summary = fit(cfg, resume=True, callbacks=[MlflowCallback(cfg)])
     client = MlflowClient(summary["mlflow_tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])

@@ -30,6 +30,7 @@ from typing import Any
 from raysemi.bundled import SEARCH_SPACES, bundled_dir
 from raysemi.config import SECTIONS, from_dict, load_yaml, merge
 from raysemi.errors import ConfigError
+from raysemi.methods import checked_config
 
 #: What every evaluation reports to Tune and a study may rank on: trials are chosen on validation numbers, and a
 #: metric no report holds would only fail the study after Ray has started. ``<network>``: one of the method's
@@ -236,7 +237,7 @@ def _check_values(where: str, method: str, params: tuple[Param, ...], base: dict
         section, field = p.key.split(".", 1)
         for value in p.candidates():
             try:
-                from_dict(merge(base, {section: {**base.get(section, {}), field: value}}))
+                checked_config(from_dict(merge(base, {section: {**base.get(section, {}), field: value}})))
             except ConfigError as exc:
                 raise ConfigError(f"{where}: params.{p.name}: value {value!r} rejected ({exc})") from None
 

@@ -46,6 +46,7 @@ from raysemi.engine.search_space import Param, SearchSpace, default_space_path, 
 from raysemi.engine.study_report import OPTUNA_FILE, TrialRow
 from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, mlflow_client, open_experiment
 from raysemi.errors import ConfigError
+from raysemi.methods import checked_config
 
 DEFAULT_ITERS = 180
 DEFAULT_EVALS = 6
@@ -287,7 +288,7 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     for section, fields in space.overrides(sampled).items():
         values[section] = {**values.get(section, {}), **fields}
     values["out"] = str(Path(context["study_dir"]) / "trials" / trial_id)
-    cfg = from_dict(values)
+    cfg = checked_config(from_dict(values))
     if context["workers_per_trial"] > 1:
         _run_distributed_trial(cfg, context)
         return
@@ -343,7 +344,7 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
         values["train"]["threads"] = values["train"]["threads"] or max(1, int(opts.cpus_per_trial))
     values["distributed"] = {**values["distributed"], "workers": opts.workers_per_trial,
                              "gpu": opts.gpus_per_trial > 0, "address": opts.address}
-    base = from_dict(values)
+    base = checked_config(from_dict(values))
     _check_study_folder(study_dir, opts.resume)
 
     import ray
@@ -369,7 +370,7 @@ def _method_config(cfg: Config, method: str, multi: bool) -> Config:
         return cfg
     values = to_dict(cfg)
     values["method"] = {"name": method, **quick_method_values(method, cfg.data.dataset, cfg.model.name)}
-    return from_dict(values)
+    return checked_config(from_dict(values))
 
 
 def _method_spaces(cfg: Config, opts: TuneOptions) -> dict[str, SearchSpace]:

@@ -7,10 +7,11 @@ from raysemi.methods.base import (
     Progress,
     StepOutput,
     build_method,
+    checked_config,
     register_method,
 )
 from raysemi.registry import import_submodules
 
 import_submodules(__name__, skip=("base", "components"))
 
-__all__ = ["METHODS", "DataInfo", "Method", "Progress", "StepOutput", "build_method", "register_method"]
+__all__ = ["METHODS", "DataInfo", "Method", "Progress", "StepOutput", "build_method", "checked_config", "register_method"]

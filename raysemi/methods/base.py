@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from raysemi.config import Config
 from raysemi.data.batch import Batch
 from raysemi.data.info import DataInfo
 from raysemi.errors import ConfigError
@@ -162,6 +163,14 @@ def build_hparams(method_cls: type[Method], values: dict[str, Any]) -> Hyperpara
     for key, value in coerced.items():
         check_range(f"method.{key}", value)
     return dataclasses.replace(defaults, **coerced)
+
+
+def checked_config(cfg: Config) -> Config:
+    """``cfg`` once its method exists and its ``method`` values are valid hyperparameters of it: what loading a
+    config checks beyond its types (the config layer knows no methods), so a bad ``--set method.x`` fails before
+    anything runs."""
+    build_hparams(METHODS.get(cfg.method_name), cfg.method_params)
+    return cfg
 
 
 def hyperparameter_table(method_cls: type[Method]) -> dict[str, Any]:
