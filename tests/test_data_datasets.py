@@ -179,6 +179,8 @@ def test_cityscapes_maps_label_ids_to_train_ids(tmp_path: Path) -> None:
     make_cityscapes_tree(tmp_path)
     ds = build_dataset("cityscapes", "train", tmp_path)
     assert ds.num_classes == 19 and ds.sample_names() == ["aachen_000000_000019", "bochum_000001_000002"]
+    # trainIds 0, 6, 7, 18 of the cityscapesScripts table, written out here
+    assert [ds.class_names[i] for i in (0, 6, 7, 18)] == ["road", "traffic_light", "traffic_sign", "bicycle"]
     _, mask = ds.load(1)
     assert mask.tolist() == [[0, 1, 13, 255], [18, 11, 255, 10]]
     assert sorted(ds.instance_boxes(0)) == [(11, 1, 1, 2, 2), (13, 0, 2, 1, 3), (18, 1, 0, 2, 1)]

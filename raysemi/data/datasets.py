@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import Cityscapes as TorchvisionCityscapes
 
 from raysemi.errors import ConfigError, DataError, RaysemiWarning
 from raysemi.registry import Registry
@@ -341,13 +342,11 @@ class PascalVOC(FileSegDataset):
 
 # ----------------------------------------------------------------------------------------------- Cityscapes
 
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-# labelId -> trainId of the official cityscapesScripts table; ids 0..33 are defined, the rest are invalid.
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+# The official cityscapesScripts table, as torchvision ships it: labelIds 0..33 are defined, and the 19 with a
+# trainId below 255 are the evaluated classes (names with underscores, as metric keys).
+_TRAINED = sorted((c for c in TorchvisionCityscapes.classes if 0 <= c.train_id < 255), key=lambda c: c.train_id)
+CITYSCAPES_CLASSES = tuple(c.name.replace(" ", "_") for c in _TRAINED)
+CITYSCAPES_TRAIN_IDS = {c.id: c.train_id for c in _TRAINED}
 
 
 @cache
