@@ -21,6 +21,7 @@ from PIL import Image
 
 from raysemi.cli import main
 from raysemi.engine.checkpoint import FORMAT_VERSION, save_atomic
+from raysemi.errors import RaysemiError
 from tests.test_cli import TINY_RUN, make_folder_dataset
 
 TRAIN = ["train", "--method", "supervised", *TINY_RUN]
@@ -327,3 +328,34 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     umask = os.umask(0)
     os.umask(umask)
     assert last.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_ray_that_misses_its_startup_wait_is_started_again_then_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init gives up after a fixed 30 s when its raylet is slow to register (seen in CI with two Rays starting
+    on a loaded 2-core machine): a local start is tried again, and after the last attempt it is one line."""
+    import ray
+
+    from raysemi.engine import loopback
+
+    calls: list[str] = []
+
+    def init(**kwargs: object) -> None:
+        calls.append("init")
+        if calls.count("init") < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    loopback.start_local_ray()
+    assert calls == ["init", "shutdown", "init", "shutdown", "init"]
+
+    def never(**kwargs: object) -> None:
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", never)
+    with pytest.raises(RaysemiError, match="a local Ray did not start: its raylet missed Ray's fixed 30 s") as caught:
+        loopback.start_local_ray()
+    assert len(str(caught.value).splitlines()) == 1
+    monkeypatch.setattr(ray, "init", lambda **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # any other failure is not retried
+        loopback.start_local_ray()

@@ -26,7 +26,13 @@ from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
+from raysemi.errors import RaysemiError
+
 LOOPBACK = "127.0.0.1"
+# ray.init waits a fixed 30 s for its raylet to register with the GCS (ray/_private/node.py) and then raises an
+# Exception with this text; two Rays starting at once on a loaded 2-core machine can take longer, so start again.
+STARTUP_TIMEOUT = "timed out during startup"
+STARTUP_ATTEMPTS = 3
 IFF_LOOPBACK = 0x8  # linux/if.h
 # Rank 0's store server: the process group holds only a client of it, and it must live as long as the worker.
 _stores: list[dist.TCPStore] = []
@@ -43,7 +49,19 @@ def start_local_ray(**init_options: Any) -> None:
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", _node_ip_address=LOOPBACK, **init_options)
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            try:
+                ray.init(address="local", _node_ip_address=LOOPBACK, **init_options)
+                return
+            except Exception as exc:  # Ray raises a bare Exception for this
+                if STARTUP_TIMEOUT not in str(exc):
+                    raise
+                ray.shutdown()
+                if attempt == STARTUP_ATTEMPTS:
+                    raise RaysemiError(
+                        f"a local Ray did not start: its raylet missed Ray's fixed 30 s registration wait "
+                        f"{STARTUP_ATTEMPTS} times (the machine is overloaded; retry when it is less busy)"
+                    ) from None
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
 
