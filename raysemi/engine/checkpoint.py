@@ -21,6 +21,16 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("method_name", "num_classes", "config")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread could create a file
+    os.umask(mask)
+    return mask
+
+
+#: What ``open`` would give a new file under the process's umask.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a crash
     mid-write never leaves a truncated checkpoint where a good one was."""
@@ -32,7 +42,7 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp's 0600, not what the user's umask gives every other file of the run
+        os.chmod(tmp, FILE_MODE)  # mkstemp's 0600, not what the user's umask gives every other file of the run
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -49,12 +59,6 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
 def _is_write_failure(exc: RuntimeError) -> bool:
     """torch.save's zip writer reports a short write (a full disk, a size limit) as a RuntimeError."""
     return any(sign in str(exc) for sign in ("unexpected pos", "file write failed"))
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def remove_stale_temp_files(folder: Path) -> None:
