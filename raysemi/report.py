@@ -547,11 +547,10 @@ def _find_run(client: Any, run_id: str) -> Any | None:
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlruns.db`` (where ``raysemi train`` writes by
     default); a sqlite store must exist and be one (``tracking.existing_store``)."""
-    import os
-
     from raysemi.engine.tracking import existing_store
+    from raysemi.engine.tracking import resolve_tracking_uri as resolve
 
-    return existing_store(uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlruns.db').resolve()}")
+    return existing_store(resolve(uri))
 
 
 def build_report(tracking_uris: str | list[str], out: str | Path, experiments: list[str] | None = None,

@@ -58,3 +58,25 @@ def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path: Path) -> 
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert MlflowClient(uri).get_experiment_by_name("race") is not None
+
+
+def test_every_command_defaults_to_the_same_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train (``--out runs/<name>``), tune (``--study-out runs/tune``), ``models:/`` loading and report resolve the
+    default MLflow store by one rule, so a default study's runs are what a default report and registry read; an
+    explicit URI and ``$MLFLOW_TRACKING_URI`` win in that order."""
+    from raysemi.config import from_dict
+    from raysemi.engine.registry_models import default_registry_uri
+    from raysemi.engine.tracking import resolve_tracking_uri, tracking_uri
+    from raysemi.report import resolve_tracking_uri as report_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    expected = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+    (tmp_path / "runs").mkdir()
+    MlflowClient(expected).search_experiments()  # report reads only a store that exists
+    run_default = tracking_uri(from_dict({"out": "runs/supervised-s0"}))
+    study_default = resolve_tracking_uri(None, (tmp_path / "runs" / "tune").parent)
+    assert run_default == study_default == default_registry_uri() == report_uri(None) == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlruns.db")
+    assert tracking_uri(from_dict({"out": "runs/x"})) == default_registry_uri() == "sqlite:////elsewhere/mlruns.db"
+    assert resolve_tracking_uri("sqlite:////explicit.db") == "sqlite:////explicit.db"

@@ -16,6 +16,8 @@ import torch
 from raysemi.errors import CheckpointError
 
 STATE_FILE = "state.pt"
+#: How many checkpoints Ray keeps per run (Ray Train) and per trial (Tune): the best by the score, plus the latest.
+KEEP_CHECKPOINTS = 2
 FORMAT_VERSION = 1
 #: What every reader needs besides the weights: the run's resolved config and the classes the head predicts.
 REQUIRED_KEYS = ("method_name", "num_classes", "config")

@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,10 +53,11 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from raysemi.config import Config, from_dict, to_dict
-from raysemi.engine.checkpoint import STATE_FILE, load_state
+from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.cluster_shape import refuse_unschedulable_workers
-from raysemi.engine.loop import Callback, Runtime, Trainer, scaled_lr
+from raysemi.engine.loop import Callback, Trainer, scaled_lr
 from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
+from raysemi.engine.ray_runtime import ReportingRuntime
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
 from raysemi.methods import Method
 
@@ -69,7 +69,6 @@ SCORE_METRIC = "val/miou"
 RANK_METRIC = "checkpoint_rank"
 # Below every mIoU (they lie in [0, 1]): an unevaluated checkpoint is the first to go.
 UNEVALUATED_RANK = -1.0
-KEEP_CHECKPOINTS = 2
 KILL_ENV = "RAYSEMI_TEST_KILL_AT"
 STALL_ENV = "RAYSEMI_TEST_STALL_AT"
 STALL_SECONDS = 3600
@@ -112,12 +111,12 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
             offset += buffer.numel()
 
 
-class RayRuntime(Runtime):
+class RayRuntime(ReportingRuntime):
     """The loop's runtime inside a Ray Train worker. ``checkpoint_root`` (``<storage>/<run name>``) only names
     where reported checkpoints land, for the summary."""
 
     def __init__(self, out_dir: Path, cpus: float = 1.0, checkpoint_root: str | None = None) -> None:
-        super().__init__(out_dir)
+        super().__init__(out_dir, ray.train.get_checkpoint, self._send_to_train)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -127,6 +126,7 @@ class RayRuntime(Runtime):
             torch.cuda.set_device(self._device)
         # Ray reserves these CPUs for this worker; more threads than that oversubscribe the node.
         torch.set_num_threads(max(1, int(cpus)))
+        self._iteration = 0
 
     def device(self, cfg: Config) -> torch.device:
         return self._device
@@ -145,35 +145,30 @@ class RayRuntime(Runtime):
         if self.world_size > 1:
             broadcast_buffers(method)
 
-    def restore(self) -> dict[str, Any] | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            state = load_state(folder)
+    def pack(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        # every rank joins the gathers; rank 0 alone saves, with each rank's RNG state
+        cpu_states = gather_objects(torch.get_rng_state())
+        cuda_states = gather_objects(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        self._iteration = int(state["iteration"])
+        return {**state, "rng_cpu_ranks": cpu_states, "rng_cuda_ranks": cuda_states} if self.is_main else None
+
+    def unpack(self, state: dict[str, Any]) -> dict[str, Any]:
         cpu_states, cuda_states = state.pop("rng_cpu_ranks", None), state.pop("rng_cuda_ranks", None)
         if cpu_states is not None and len(cpu_states) == self.world_size:
             state["rng_cpu"] = cpu_states[self.rank]
             state["rng_cuda"] = cuda_states[self.rank]
         return state
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
+    def _send_to_train(self, metrics: dict[str, Any], folder: Path | None) -> str | None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         score = scalars.get(SCORE_METRIC)
         scalars[RANK_METRIC] = float(score) if score is not None and math.isfinite(score) else UNEVALUATED_RANK
-        if state is None:
+        if folder is None:
             ray.train.report(scalars)
             return None
-        cpu_states = gather_objects(torch.get_rng_state())
-        cuda_states = gather_objects(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        if not self.is_main:
-            ray.train.report(scalars, checkpoint=None)
-            return None
         # Unique per report: a restart that resumes from an older checkpoint re-reports the same iterations.
-        name = f"checkpoint_{int(state['iteration']):07d}_{time.strftime('%Y%m%d-%H%M%S')}_{os.urandom(3).hex()}"
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({**state, "rng_cpu_ranks": cpu_states, "rng_cuda_ranks": cuda_states}, Path(folder) / STATE_FILE)
-            ray.train.report(scalars, checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        name = f"checkpoint_{self._iteration:07d}_{time.strftime('%Y%m%d-%H%M%S')}_{os.urandom(3).hex()}"
+        ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(folder)), checkpoint_dir_name=name)
         return f"{self.checkpoint_root}/{name}" if self.checkpoint_root else None
 
 

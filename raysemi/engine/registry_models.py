@@ -26,9 +26,9 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 
 def default_registry_uri() -> str:
     """The store ``raysemi tune`` writes to by default (``runs/mlruns.db``) unless MLFLOW_TRACKING_URI is set."""
-    from raysemi.engine.tracking import default_tracking_uri
+    from raysemi.engine.tracking import resolve_tracking_uri
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path("runs") / "tune")
+    return resolve_tracking_uri(None)
 
 
 def eval_network(state: dict[str, Any]) -> Any:

@@ -48,14 +48,20 @@ if TYPE_CHECKING:
 
 from raysemi.engine.loop import Callback
 
+#: Where runs and studies go by default (``raysemi train --out runs/<name>``, ``raysemi tune --study-out runs/tune``).
+DEFAULT_RUNS_DIR = Path("runs")
 
-def default_tracking_uri(out_dir: str | Path) -> str:
-    """``sqlite:///<folder above the run folder>/mlruns.db`` (absolute), so runs of one project share a store."""
-    return f"sqlite:///{Path(out_dir).resolve().parent / 'mlruns.db'}"
+
+def resolve_tracking_uri(explicit: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> str:
+    """The one rule for which MLflow store a command uses: ``explicit`` (``tracking.uri``, ``--tracking-uri``), else
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<runs_dir>/mlruns.db`` (absolute), so that the runs and studies of one
+    project share a store that ``report`` and ``models:/`` find without being told."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlruns.db'}"
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+    """A run's store: the default is beside its run folder (``<out>/../mlruns.db``)."""
+    return resolve_tracking_uri(cfg.tracking.uri, Path(cfg.out).parent)
 
 
 def _sqlite_path(uri: str) -> Path | None:

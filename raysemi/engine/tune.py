@@ -6,7 +6,7 @@ RDB ``optuna.db`` (the study persists), ``study.json`` (parent run id and option
 trial's run folder: config, split, summary) and the leaderboard.
 
 Trials. A trial with at most one worker runs the plain loop inside Tune's function trainable through
-``TuneRuntime``, which reports every evaluation to Tune with its checkpoint; the trial process ends when the trial
+``ray_runtime.tune_runtime``, which reports every evaluation to Tune with its checkpoint; the trial process ends when the trial
 ends (or is stopped), which frees its GPU memory. A trial with more workers runs a TorchTrainer inside the trial
 (``raysemi.engine.distributed``); its workers are not in the trial's placement group, so the number of concurrent
 trials is capped by what the cluster can hold: ``cluster CPUs // (driver CPU + W x cpus_per_worker)``.
@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,12 @@ from typing import Any
 import torch
 
 from raysemi.config import Config, from_dict, merge, to_dict
-from raysemi.engine.checkpoint import STATE_FILE, load_state, save_atomic
-from raysemi.engine.loop import Runtime, Trainer
+from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
+from raysemi.engine.loop import Trainer
+from raysemi.engine.ray_runtime import tune_runtime
 from raysemi.engine.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
 from raysemi.engine.study_report import OPTUNA_FILE, TrialRow
-from raysemi.engine.tracking import MlflowCallback, default_tracking_uri, mlflow_client, open_experiment
+from raysemi.engine.tracking import MlflowCallback, mlflow_client, open_experiment, resolve_tracking_uri
 from raysemi.errors import ConfigError
 from raysemi.methods import checked_config
 
@@ -219,31 +219,6 @@ def trial_choice(config: dict[str, Any], spaces: dict[str, SearchSpace]) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------- inside a trial
-class TuneRuntime(Runtime):
-    """The plain loop inside a Tune function trainable: every evaluation goes to Tune with its checkpoint, and a
-    restored trial continues from the checkpoint Tune hands back."""
-
-    def restore(self) -> dict[str, Any] | None:
-        from ray import tune
-
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_state(Path(folder) / STATE_FILE)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> str | None:
-        from ray import tune
-
-        if state is None:
-            tune.report(metrics)
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            save_atomic(state, Path(tmp) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        return None
-
-
 class TrialMlflowCallback(MlflowCallback):
     """The trial's child run; a trial restored after an interruption continues its own run instead of
     opening a second one."""
@@ -295,7 +270,7 @@ def run_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     callbacks = []
     if cfg.tracking.enabled:
         callbacks.append(TrialMlflowCallback(cfg, context["parent_run_id"], trial_id, space.decode(sampled)))
-    trainer = Trainer(cfg, TuneRuntime(Path(cfg.out)), callbacks)
+    trainer = Trainer(cfg, tune_runtime(Path(cfg.out)), callbacks)
     try:
         trainer.fit()
         for cb in callbacks:
@@ -336,7 +311,7 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
                  key=lambda b: b.grace)
     values = to_dict(cfg)
     values["train"] = {**values["train"], "eval_every": budget.eval_every, "checkpoint_every": budget.eval_every}
-    values["tracking"] = {**values["tracking"], "uri": cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)}
+    values["tracking"] = {**values["tracking"], "uri": resolve_tracking_uri(cfg.tracking.uri, out.parent)}
     if cfg.data.root:
         # trials run in Ray's own working directory: a relative data root would point nowhere there
         values["data"] = {**values["data"], "root": str(Path(cfg.data.root).resolve())}
@@ -560,7 +535,7 @@ def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, spaces: dict[str, Sea
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(Path(opts.storage).resolve()) if opts.storage and "://" not in opts.storage else (opts.storage or str(out)),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=space.metric,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.distributed.max_failures),
         verbose=1,
