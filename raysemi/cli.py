@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<method>-<dataset>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved config")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
+    p.add_argument("--callback", action="append", default=[], metavar="MODULE:NAME[={json}]",
+                   help="add a loop callback: a raysemi Callback class or factory, with JSON keyword arguments (repeatable)")
     p.add_argument("--workers", type=int, help="Ray Train workers; 0 runs the plain loop in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
@@ -234,20 +236,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     with claim(Path(cfg.out), args.resume, args.overwrite):
         if saved is not None:
             check_resume(saved, to_dict(cfg), Path(cfg.out))
-        summary = _train(cfg, args.resume)
+        summary = _train(cfg, args.resume, args.callback)
     nodes = len(set(summary.get("node_ids") or [None]))
     line = f"val mIoU {summary.get('val_miou')} ({cfg.data.eval_mode}) on {summary['workers']} worker(s), {nodes} node(s) -> {cfg.out}"
     _print_summary(summary, args.json, line)
     return 0
 
 
-def _train(cfg: Any, resume: bool) -> dict[str, Any]:
+def _train(cfg: Any, resume: bool, callback_specs: list[str]) -> dict[str, Any]:
     if cfg.distributed.workers > 0:
         from raysemi.engine.distributed import fit_distributed
 
-        return fit_distributed(cfg, resume=resume)
-    from raysemi.engine.loop import fit
+        return fit_distributed(cfg, resume=resume, callbacks=callback_specs)
+    from raysemi.engine.loop import fit, load_callbacks
 
+    user_callbacks = load_callbacks(callback_specs)
     callbacks = []
     if cfg.tracking.enabled:
         from raysemi.engine.tracking import MlflowCallback
@@ -256,7 +259,7 @@ def _train(cfg: Any, resume: bool) -> dict[str, Any]:
     from raysemi.engine.progress import ProgressCallback
 
     callbacks.append(ProgressCallback(cfg.train.iters))
-    return fit(cfg, resume=resume, callbacks=callbacks)
+    return fit(cfg, resume=resume, callbacks=[*callbacks, *user_callbacks])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

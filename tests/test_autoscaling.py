@@ -40,6 +40,7 @@ from raysemi.engine.cluster_shape import (
 )
 from raysemi.engine.doctor import check_node_types
 from raysemi.errors import ConfigError
+from tests.fault_hooks import CHECKOUT_PATH, spec
 from tests.sockets import non_loopback_listeners
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -345,8 +346,9 @@ def test_a_preempted_worker_node_is_replaced_and_the_run_ends_as_if_uninterrupte
 
     marker, out, err = tmp_path / "preempted", tmp_path / "preempted.out", tmp_path / "preempted.err"
     with out.open("w") as stdout, err.open("w") as stderr:
-        run = subprocess.Popen([RAYSEMI, *train, "--out", str(tmp_path / "preempted-run")], cwd=tmp_path,
-                               env={**cluster.env, "RAYSEMI_TEST_KILL_AT": f"3:{marker}"}, stdout=stdout, stderr=stderr)
+        kill = ["--callback", spec("KillOnce", iteration=3, marker=str(marker))]
+        run = subprocess.Popen([RAYSEMI, *train, *kill, "--out", str(tmp_path / "preempted-run")], cwd=tmp_path,
+                               env={**cluster.env, **CHECKOUT_PATH}, stdout=stdout, stderr=stderr)
     try:
         wait_for(lambda: marker.exists() or run.poll() is not None, 300, "rank 0 reaching iteration 3", 0.05)
         assert run.poll() is None, err.read_text()[-3000:]

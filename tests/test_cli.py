@@ -59,6 +59,12 @@ def run_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
         (["--method", "mt", "--dataset", "camvid", "--data-root", "/no/such/dir"], "/no/such/dir: dataset root not found"),
         (["--method", "mt", "--set", "method.nope=1"], "method.nope: not a hyperparameter of 'mt'"),
         (["--method", "mt", "--set", "train.nope=1"], "train.nope: unknown key"),
+        (["--method", "mt", "--callback", "tests.fault_hooks"], "--callback tests.fault_hooks: expected MODULE:NAME"),
+        (["--method", "mt", "--callback", "no_such_module:X"], "--callback no_such_module:X: cannot import"),
+        (["--method", "mt", "--callback", "tests.fault_hooks:RecordIds={folder"], "are not JSON"),
+        (["--method", "mt", "--callback", "tests.fault_hooks:RecordIds=[1]"], "must be a JSON object"),
+        (["--method", "mt", "--callback", "tests.fault_hooks:RecordIds"], "missing 1 required positional argument"),
+        (["--method", "mt", "--callback", "tests.fault_hooks:spec={\"name\": \"x\"}"], "gave a str, not a raysemi Callback"),
     ],
 )
 def test_bad_arguments_give_one_line(capsys, tmp_path: Path, args: list[str], message: str) -> None:
@@ -127,6 +133,15 @@ def test_eval_reads_only_the_split_it_scores(capsys, tmp_path: Path, method: str
     (other / "classes.txt").write_text("a\nb\nc\nd\n")
     err = run_error(capsys, ["eval", "--checkpoint", summary["checkpoint"], "--data-root", str(other)])
     assert "checkpoint predicts 3 classes, dataset 'folder' split 'val' has 4" in err
+
+
+def test_an_injected_callback_sees_the_plain_run(capsys, tmp_path: Path) -> None:
+    from tests.fault_hooks import spec
+
+    record = ["--callback", spec("RecordIds", folder=str(tmp_path / "ids"))]
+    assert main(["train", "--method", "mt", *TINY_RUN, *record, "--out", str(tmp_path / "run"), "--json"]) == 0
+    consumed = json.loads((tmp_path / "ids" / "rank0.json").read_text())
+    assert len(consumed["labeled"]) == len(consumed["unlabeled"]) == 2 * 2  # 2 iterations of batch 2
 
 
 def test_listings(capsys) -> None:

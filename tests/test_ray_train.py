@@ -22,13 +22,9 @@ from raysemi.config import Config, from_dict, to_dict
 from raysemi.data.loaders import build_loaders
 from raysemi.engine.checkpoint import load_state
 from raysemi.engine.distributed import (
-    KILL_ENV,
-    RECORD_IDS_ENV,
     SCORE_METRIC,
     SNAPSHOT_FILE,
-    STALL_ENV,
     RayRuntime,
-    RecordingLoader,
     fit_distributed,
     gather_objects,
     torch_trainer,
@@ -38,6 +34,7 @@ from raysemi.engine.loop import Trainer, fit
 from raysemi.engine.loopback import start_local_ray
 from raysemi.methods import METHODS, build_method
 from raysemi.models import build_model
+from tests.fault_hooks import CHECKOUT_PATH, RecordingLoader, spec
 from tests.sockets import watch_non_loopback_listeners
 
 ray = pytest.importorskip("ray")
@@ -113,9 +110,8 @@ def mt_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("mt")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     cfg = make_config(root / "run", "mt", tracking={"enabled": True, "uri": uri, "experiment": "ray"})
-    with pytest.MonkeyPatch.context() as patch, watch_non_loopback_listeners() as exposed:
-        patch.setenv(RECORD_IDS_ENV, str(root / "ids"))
-        summary = fit_distributed(cfg, progress=False)
+    with watch_non_loopback_listeners() as exposed:
+        summary = fit_distributed(cfg, progress=False, callbacks=[spec("RecordIds", folder=str(root / "ids"))])
     return {"summary": summary, "ids": root / "ids", "uri": uri, "cfg": cfg, "exposed": exposed}
 
 
@@ -163,9 +159,7 @@ def test_mlflow_gets_one_run_with_the_scaling_config(mt_run):
 def test_killed_worker_resumes_to_the_uninterrupted_weights(mt_run, tmp_path):
     cfg = make_config(tmp_path / "run", "mt", distributed={"workers": 2, "max_failures": 1})
     marker = tmp_path / "killed"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(KILL_ENV, f"3:{marker}")
-        summary = fit_distributed(cfg, progress=False)
+    summary = fit_distributed(cfg, progress=False, callbacks=[spec("KillOnce", iteration=3, marker=str(marker))])
     assert marker.exists(), "the worker was never killed"
     assert summary["iterations"] == 4
     assert summary["eval_weight_digests"][0] == summary["eval_weight_digests"][1]
@@ -192,9 +186,9 @@ def _train_until_stalled(command: list[str], stall_at: int, registered: int, fol
     """Run ``command`` until rank 0 stalls at iteration ``stall_at`` and Ray has registered checkpoint
     ``registered``, then SIGKILL the run, Ray included."""
     marker, log = folder / f"stalled-{stall_at}", folder / f"stderr-{stall_at}.log"
-    env = {**os.environ, STALL_ENV: f"{stall_at}:{marker}"}
+    stall = ["--callback", spec("KillOnce", iteration=stall_at, marker=str(marker), stall=True)]
     with log.open("w") as stderr:
-        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        driver = subprocess.Popen([*command, *stall], env={**os.environ, **CHECKOUT_PATH}, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (marker.exists() and any(n.startswith(f"checkpoint_{registered:07d}_") for n in _snapshot_names(snapshot))):

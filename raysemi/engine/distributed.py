@@ -21,13 +21,8 @@ checkpoint, which may be one older than the last reported when a worker dies abr
 the iteration stored in it, so the result equals an uninterrupted run. ``resume=True`` re-launches the same run
 name on the same storage, which makes Ray hand its latest checkpoint to every worker.
 
-Test hooks (environment variables read by the driver and passed to the workers):
-``RAYSEMI_TEST_KILL_AT=<iteration>:<marker file>``: rank 0 ``os._exit(1)``s at the first logged iteration >= the
-given one unless the marker exists (it creates it first, so it dies exactly once; use ``train.log_every=1``).
-``RAYSEMI_TEST_STALL_AT=<iteration>:<marker file>``: the same, but rank 0 sleeps (an hour) instead of exiting, so a test
-can kill the whole run at a known iteration.
-``RAYSEMI_TEST_RECORD_IDS=<folder>``: every rank writes ``rank<r>.json`` with the ``labeled`` and ``unlabeled``
-sample ids it consumed.
+Callbacks named with ``--callback`` (``loop.load_callbacks``) are built in every worker: on rank 0, and on every
+rank where the callback says ``every_rank`` (the tests' fault hooks and shard recorders are such callbacks).
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +50,7 @@ from torch import nn
 from raysemi.config import Config, from_dict, to_dict
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.cluster_shape import refuse_unschedulable_workers
-from raysemi.engine.loop import Callback, Trainer, scaled_lr
+from raysemi.engine.loop import Callback, Trainer, load_callbacks, scaled_lr
 from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
 from raysemi.engine.ray_runtime import ReportingRuntime
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
@@ -69,10 +64,6 @@ SCORE_METRIC = "val/miou"
 RANK_METRIC = "checkpoint_rank"
 # Below every mIoU (they lie in [0, 1]): an unevaluated checkpoint is the first to go.
 UNEVALUATED_RANK = -1.0
-KILL_ENV = "RAYSEMI_TEST_KILL_AT"
-STALL_ENV = "RAYSEMI_TEST_STALL_AT"
-STALL_SECONDS = 3600
-RECORD_IDS_ENV = "RAYSEMI_TEST_RECORD_IDS"
 # Written by Ray Train V2's checkpoint manager; its presence means a re-launch with this name resumes.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
@@ -172,33 +163,6 @@ class RayRuntime(ReportingRuntime):
         return f"{self.checkpoint_root}/{name}" if self.checkpoint_root else None
 
 
-class _KillOnce(Callback):
-    """Test hook: end this process abruptly, once per marker file, as a crashed worker would; ``stall`` first
-    sleeps, for a test that kills the whole run while it is stopped here."""
-
-    def __init__(self, iteration: int, marker: Path, stall: bool = False) -> None:
-        self.iteration, self.marker, self.stall = iteration, marker, stall
-
-    def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
-        if iteration >= self.iteration and not self.marker.exists():
-            self.marker.touch()
-            if self.stall:
-                time.sleep(STALL_SECONDS)
-            os._exit(1)
-
-
-class RecordingLoader:
-    """Test hook: passes a loader's batches through and remembers their sample ids."""
-
-    def __init__(self, loader: Any, ids: list[int]) -> None:
-        self.loader, self.ids = loader, ids
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            self.ids.extend(batch.ids.tolist())
-            yield batch
-
-
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """The function every Ray Train worker runs: one ``Trainer.fit()``; rank 0 returns the run summary."""
     cfg = from_dict(loop_config["config"])
@@ -215,25 +179,11 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             from raysemi.engine.progress import ProgressCallback
 
             callbacks.append(ProgressCallback(cfg.train.iters))
-        for hook in ("kill_at", "stall_at"):
-            if loop_config.get(hook):
-                iteration, marker = loop_config[hook]
-                callbacks.append(_KillOnce(iteration, Path(marker), stall=hook == "stall_at"))
+    callbacks += load_callbacks(loop_config.get("callbacks", ()))
     trainer = Trainer(cfg, runtime, callbacks)
-    consumed: dict[str, list[int]] = {"labeled": [], "unlabeled": []}
-    if loop_config.get("record_ids"):
-        trainer.loaders = dataclasses.replace(
-            trainer.loaders,
-            labeled=RecordingLoader(trainer.loaders.labeled, consumed["labeled"]),
-            unlabeled=RecordingLoader(trainer.loaders.unlabeled, consumed["unlabeled"]),
-        )
     summary = trainer.fit()
     digests = gather_objects(weights_digest(trainer.method.eval_model()))
     progress = gather_objects((trainer.images_seen, trainer.train_seconds))
-    if loop_config.get("record_ids"):
-        folder = Path(loop_config["record_ids"])
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank{runtime.rank}.json").write_text(json.dumps(consumed))
     if not runtime.is_main:
         return None
     slowest = max(seconds for _, seconds in progress)
@@ -373,20 +323,6 @@ def torch_trainer(
     )
 
 
-def _test_hooks() -> dict[str, Any]:
-    hooks: dict[str, Any] = {}
-    for hook, variable in (("kill_at", KILL_ENV), ("stall_at", STALL_ENV)):
-        value = os.environ.get(variable)
-        if value:
-            iteration, sep, marker = value.partition(":")
-            if not (sep and iteration.isdigit() and marker):
-                raise ConfigError(f"{variable}={value!r}: expected <iteration>:<marker file>")
-            hooks[hook] = (int(iteration), str(Path(marker).resolve()))
-    if os.environ.get(RECORD_IDS_ENV):
-        hooks["record_ids"] = str(Path(os.environ[RECORD_IDS_ENV]).resolve())
-    return hooks
-
-
 def _user_error(error: ray.train.TrainingFailedError) -> RaysemiError | None:
     """The first worker's own one-line error (bad data, bad checkpoint), if that is what failed."""
     for failure in getattr(error, "worker_failures", {}).values():
@@ -405,13 +341,16 @@ def fit_distributed(
     mlflow_parent_run_id: str | None = None,
     placement_strategy: str = "PACK",
     progress: bool = True,
+    callbacks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train with ``cfg.distributed.workers`` Ray Train workers and return rank 0's run summary, with the worker
     count and the node each worker ran on. ``run_name`` (default: the folder name of ``cfg.out``) names the run in
-    the storage; ``ray_callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``)."""
+    the storage; ``ray_callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``); ``callbacks`` are
+``--callback`` specs, checked here and built in every worker."""
     if cfg.distributed.workers < 1:
         raise ConfigError(f"distributed.workers: must be >= 1 for a Ray Train run, got {cfg.distributed.workers}")
     cfg = _absolute_paths(cfg)
+    load_callbacks(callbacks)  # a bad spec is one line before Ray starts, not a failure in every worker
     started = connect(cfg.distributed.address)
     try:
         if started and cfg.distributed.address:
@@ -428,7 +367,7 @@ def fit_distributed(
             "scaling": scaling_params(cfg),
             "mlflow_parent_run_id": mlflow_parent_run_id,
             "progress": progress,
-            **_test_hooks(),
+            "callbacks": list(callbacks),
         }
         trainer = torch_trainer(cfg, train_worker, loop_config, storage, name, ray_callbacks, placement_strategy)
         try:

@@ -7,12 +7,13 @@ position), callbacks for progress and MLflow.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,9 @@ class Runtime:
 
 
 class Callback:
-    """Hooks called on the main rank only."""
+    """Hooks called on the main rank only, or on every rank of a data-parallel run where ``every_rank``."""
+
+    every_rank = False
 
     def on_start(self, trainer: Trainer) -> None: ...
 
@@ -95,6 +98,37 @@ class Callback:
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
 
     def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
+
+
+def load_callbacks(specs: Sequence[str]) -> list[Callback]:
+    """Callbacks named on the command line (``--callback MODULE:NAME`` or ``MODULE:NAME={json keyword arguments}``):
+    ``NAME`` is a ``Callback`` class or a function returning one, called with the keyword arguments. This is how a
+    user adds a hook to a run, and how tests inject faults into one (a killed or stalled rank). In a Ray Train run
+    each worker imports ``MODULE``, so it must be importable there (installed, or on ``PYTHONPATH``)."""
+    callbacks = []
+    for spec in specs:
+        target, _, arguments = spec.partition("=")
+        module_name, _, name = target.partition(":")
+        if not (module_name and name):
+            raise ConfigError(f"--callback {spec}: expected MODULE:NAME or MODULE:NAME={{json}}")
+        try:
+            kwargs = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--callback {spec}: the keyword arguments are not JSON ({exc.msg})") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--callback {spec}: the keyword arguments must be a JSON object")
+        try:
+            factory = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"--callback {spec}: cannot import {target} ({exc})") from None
+        try:
+            callback = factory(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"--callback {spec}: {exc}") from None
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"--callback {spec}: {target} gave a {type(callback).__name__}, not a raysemi Callback")
+        callbacks.append(callback)
+    return callbacks
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -193,7 +227,7 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.out)
         self.runtime = runtime or Runtime(self.out_dir)
-        self.callbacks = (callbacks or []) if self.runtime.is_main else []
+        self.callbacks = [cb for cb in callbacks or [] if self.runtime.is_main or cb.every_rank]
         self.device = self.runtime.device(cfg)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
