@@ -248,18 +248,10 @@ def _train(cfg: Any, resume: bool, callback_specs: list[str]) -> dict[str, Any]:
         from raysemi.engine.distributed import fit_distributed
 
         return fit_distributed(cfg, resume=resume, callbacks=callback_specs)
-    from raysemi.engine.loop import fit, load_callbacks
+    from raysemi.engine.assembly import run_callbacks
+    from raysemi.engine.loop import fit
 
-    user_callbacks = load_callbacks(callback_specs)
-    callbacks = []
-    if cfg.tracking.enabled:
-        from raysemi.engine.tracking import MlflowCallback
-
-        callbacks.append(MlflowCallback(cfg))
-    from raysemi.engine.progress import ProgressCallback
-
-    callbacks.append(ProgressCallback(cfg.train.iters))
-    return fit(cfg, resume=resume, callbacks=[*callbacks, *user_callbacks])
+    return fit(cfg, resume=resume, callbacks=run_callbacks(cfg, progress=True, callback_specs=callback_specs))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

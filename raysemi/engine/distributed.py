@@ -48,9 +48,10 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from raysemi.config import Config, from_dict, to_dict
+from raysemi.engine.assembly import run_callbacks
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.cluster_shape import refuse_unschedulable_workers
-from raysemi.engine.loop import Callback, Trainer, load_callbacks, scaled_lr
+from raysemi.engine.loop import Trainer, load_callbacks, scaled_lr
 from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
 from raysemi.engine.ray_runtime import ReportingRuntime
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
@@ -168,18 +169,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = from_dict(loop_config["config"])
     runtime = RayRuntime(Path(cfg.out), cfg.distributed.cpus_per_worker, loop_config.get("checkpoint_root"))
     node_ids = gather_objects(ray.get_runtime_context().get_node_id())
-    callbacks: list[Callback] = []
+    specs = loop_config.get("callbacks", ())
     if runtime.is_main:
-        if cfg.tracking.enabled:
-            from raysemi.engine.tracking import MlflowCallback
-
-            params = {**loop_config.get("scaling", {}), "node_ids": ",".join(node_ids)}
-            callbacks.append(MlflowCallback(cfg, parent_run_id=loop_config.get("mlflow_parent_run_id"), extra_params=params))
-        if loop_config.get("progress"):
-            from raysemi.engine.progress import ProgressCallback
-
-            callbacks.append(ProgressCallback(cfg.train.iters))
-    callbacks += load_callbacks(loop_config.get("callbacks", ()))
+        params = {**loop_config.get("scaling", {}), "node_ids": ",".join(node_ids)}
+        callbacks = run_callbacks(cfg, progress=bool(loop_config.get("progress")), callback_specs=specs,
+                                  parent_run_id=loop_config.get("mlflow_parent_run_id"), extra_params=params)
+    else:
+        callbacks = load_callbacks(specs)  # the Trainer keeps those that run on every rank
     trainer = Trainer(cfg, runtime, callbacks)
     summary = trainer.fit()
     digests = gather_objects(weights_digest(trainer.method.eval_model()))
