@@ -125,6 +125,19 @@ def test_tune_sizes_concurrency_on_the_node_types_and_refuses_what_never_fits(mo
         tune._concurrency(distributed, spot)
 
 
+def test_a_trial_too_big_for_the_cluster_names_its_summed_custom_resources(monkeypatch) -> None:
+    """Two workers asking for 1 spot each need 2 spot: the message sums over the trial's workers, as it does the
+    CPUs (it listed 1, the per-worker value)."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "spot": 1.0})
+    opts = tune.TuneOptions(concurrency=4, workers_per_trial=2)  # no address: the cluster as it is now
+    spot = from_dict({"distributed": {"worker_resources": {"spot": 1}}})
+    with pytest.raises(ConfigError, match=r"^a trial needs 3 CPU and 0 GPU and 2 spot; the Ray cluster has 8 CPU "
+                                          r"and 0 GPU and 1 spot$"):
+        tune._concurrency(opts, spot)
+
+
 def test_train_refuses_a_worker_group_no_node_type_holds(monkeypatch) -> None:
     monkeypatch.setattr(cluster_shape, "read_cluster_shape", stub_shape)
     refuse_unschedulable_workers(from_dict({"distributed": {"workers": 2, "worker_resources": SPOT}}).distributed)

@@ -500,7 +500,7 @@ def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
         if amount:
             fits = min(fits, int(float(available.get(name, 0)) // amount))
     if fits < 1:
-        extra = "".join(f" and {v:g} {k}" for k, v in custom.items())
+        extra = "".join(f" and {need.get(k, 0.0):g} {k}" for k in custom)  # summed over the trial's bundles
         raise ConfigError(f"a trial needs {need_cpu:g} CPU and {need_gpu:g} GPU{extra}; the Ray cluster has {cpus:g} CPU "
                           f"and {gpus:g} GPU{''.join(f' and {float(available.get(k, 0)):g} {k}' for k in custom)}")
     return driver, fits
