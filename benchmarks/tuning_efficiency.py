@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from raysemi.config import from_dict
-from raysemi.engine.tune import TuneOptions, run_study
+from raysemi.engine.tune import run_study
 
 LR = [1.0e-3, 3.0e-3, 1.0e-2]
 WEIGHT = [0.3, 3.0, 30.0]
@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
               "tracking": {"uri": f"sqlite:///{work / 'mlruns.db'}"}}
     if args.smoke:
         values["data"] = {"synthetic_train": 48, "synthetic_val": 16}
-    cfg = from_dict(values)
     files = {}
     space_defs = spaces(args.method, args.smoke)
     for kind, space in space_defs.items():
@@ -76,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         files[kind].write_text(yaml.safe_dump(space))
     grid_trials = math.prod(len(p["values"]) for p in space_defs["grid"]["params"].values())
     budget = grid_trials * args.iters
-    common = {"concurrency": 1, "out": str(work), "seed": args.seed}
-    runs = {
-        "grid": TuneOptions(space=str(files["grid"]), trials=grid_trials, searcher="grid", scheduler="none",
-                            name="grid", **common),
-        "random": TuneOptions(space=str(files["continuous"]), trials=grid_trials, searcher="random",
-                              scheduler="none", name="random", **common),
-        "optuna+asha": TuneOptions(space=str(files["continuous"]), trials=2 * grid_trials, searcher="optuna",
-                                   scheduler="asha", name="optuna-asha", **common),
+    common = {"concurrency": 1, "out": str(work)}
+    studies = {
+        "grid": {"space": str(files["grid"]), "trials": grid_trials, "searcher": "grid", "scheduler": "none",
+                 "name": "grid"},
+        "random": {"space": str(files["continuous"]), "trials": grid_trials, "searcher": "random",
+                   "scheduler": "none", "name": "random"},
+        "optuna+asha": {"space": str(files["continuous"]), "trials": 2 * grid_trials, "searcher": "optuna",
+                        "scheduler": "asha", "name": "optuna-asha"},
     }
-    for opts in runs.values():
-        opts.resume = (work / str(opts.name) / "study.json").exists()
-    results = {name: run_study(cfg, opts) for name, opts in runs.items()}
+    results = {name: run_study(from_dict({**values, "tune": {**study, **common}}),
+                               resume=(work / study["name"] / "study.json").exists())
+               for name, study in studies.items()}
     grid_best = max(r["best"] for r in results["grid"]["leaderboard"] if r["best"] is not None)
     lines = ["# Tuning efficiency", "",
              f"Command: `python benchmarks/tuning_efficiency.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",

@@ -78,21 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--methods", help="search the method too: comma-separated methods (mt,cutmix,classmix,cps) or all (every image-only method)")
     p.add_argument("--space", help="search-space YAML (default search_spaces/<method>.yaml); with --methods a folder of <method>.yaml files (a method without one uses its default)")
-    p.add_argument("--trials", type=int, default=8, help="trials to run (default 8)")
-    p.add_argument("--workers-per-trial", type=int, default=0, help="Ray Train workers per trial; <= 1 runs the loop in the trial process")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (per worker when workers > 1)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved by a trial's driver (default 1)")
-    p.add_argument("--concurrency", type=int, default=2, help="trials at once, capped by the cluster's resources (default 2)")
-    p.add_argument("--searcher", choices=["optuna", "random", "grid"], default="optuna", help="Optuna TPE, random sampling, or a grid over choice-only spaces")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="ASHA early stopping or none")
-    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor (default 2)")
+    p.add_argument("--trials", type=int, help="trials to run (default 8)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial; <= 1 runs the loop in the trial process")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (per worker when workers > 1)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs reserved by a trial's driver (default 1)")
+    p.add_argument("--concurrency", type=int, help="trials at once, capped by the cluster's resources (default 2)")
+    p.add_argument("--searcher", choices=["optuna", "random", "grid"], help="Optuna TPE (default), random sampling, or a grid over choice-only spaces")
+    p.add_argument("--scheduler", choices=["asha", "none"], help="ASHA early stopping (default) or none")
+    p.add_argument("--reduction-factor", type=int, help="ASHA reduction factor (default 2)")
     p.add_argument("--startup-trials", type=int, help="random trials before TPE takes over (default: a quarter of --trials, 2 to 10)")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
     p.add_argument("--worker-resources", metavar="JSON", help=WORKER_RESOURCES_HELP)
     p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
     p.add_argument("--name", help="study name (default <dataset>-<method>, or <dataset>-methods with --methods); the study folder is <out>/<name>")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    p.add_argument("--out", dest="study_out", default="runs/tune", help="folder of studies (default runs/tune)")
+    p.add_argument("--out", dest="study_out", help="folder of studies (default runs/tune)")
     p.add_argument("--model-name", help="registered model name (default: the study name, or the dataset with --methods)")
 
     p = sub.add_parser("report", help="compare finished MLflow training runs: report.md, report.html and plots")
@@ -135,6 +135,11 @@ def parse_worker_resources(text: str) -> dict[str, float]:
     return check_worker_resources(value, "--worker-resources")
 
 
+#: ``raysemi tune`` flags that set the same-named key of the config's ``tune`` section (``--out`` sets ``tune.out``).
+TUNE_FLAGS = ("space", "trials", "workers_per_trial", "gpus_per_trial", "cpus_per_trial", "concurrency", "searcher",
+              "scheduler", "reduction_factor", "startup_trials", "storage", "name", "model_name")
+
+
 def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
     """Defaults < ``base`` (a resumed run's saved config) < --config file < flags < --set."""
     from raysemi.config import apply_overrides, from_dict, merge
@@ -163,6 +168,10 @@ def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None =
         flags["distributed"]["worker_resources"] = parse_worker_resources(args.worker_resources)
     if getattr(args, "gpu", False):
         flags["distributed"]["gpu"] = True
+    if getattr(args, "command", None) == "tune":
+        flags["tune"] = {key: getattr(args, key) for key in TUNE_FLAGS if getattr(args, key) is not None}
+        if args.study_out is not None:
+            flags["tune"]["out"] = args.study_out
     values = merge(values, {k: v for k, v in flags.items() if v})
     dataset = values.get("data", {}).get("dataset", "synthetic")
     if "name" not in values.get("model", {}):
@@ -274,7 +283,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from raysemi.engine.tune import (
         DEFAULT_ITERS,
-        TuneOptions,
         format_leaderboard,
         quick_settings,
         resolve_methods,
@@ -297,15 +305,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not methods:
         args.set = quick_settings(args.method, dataset, model, args.set) + args.set
     cfg = run_config_from_args(args)
-    opts = TuneOptions(
-        space=args.space, trials=args.trials, workers_per_trial=args.workers_per_trial,
-        gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency,
-        searcher=args.searcher, scheduler=args.scheduler, reduction_factor=args.reduction_factor,
-        startup_trials=args.startup_trials,
-        address=args.address, storage=args.storage, name=args.name, resume=args.resume, out=args.study_out,
-        model_name=args.model_name, seed=cfg.train.seed, methods=methods,
-    )
-    summary = run_study(cfg, opts)
+    if methods:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, methods=methods))
+    summary = run_study(cfg, resume=args.resume)
     print(format_leaderboard(summary["leaderboard"], summary["metric"]))
     if summary["interrupted"]:
         print(f"study {summary['study']} interrupted; continue it with the same command plus --resume", file=sys.stderr)

@@ -194,6 +194,56 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """What ``raysemi tune`` searches with (its flags, a ``tune:`` section of ``--config`` or ``--set tune.KEY=V``);
+    training ignores it. space: a space file, or a folder of ``<method>.yaml`` (default: the bundled space);
+    trials: how many; workers_per_trial: Ray Train workers per trial (0 or 1: the plain loop in the trial);
+    gpus_per_trial / cpus_per_trial: a trial's reservation (cpus also its torch threads on the plain path);
+    concurrency: trials at once at the most; searcher: optuna (TPE), random or grid; scheduler: asha or none;
+    reduction_factor: ASHA's; startup_trials: random trials before TPE models (0: a quarter of the study, 2 to
+    10); storage: Tune's storage (default: ``out``); name: the study (default ``<dataset>-<method>``, or
+    ``<dataset>-methods``); out: folder of studies; model_name: where the champion is registered (default: the
+    study name, or the dataset for several methods); methods: two or more methods searched in one study (empty:
+    the config's method). The seed is ``train.seed``, the Ray address ``distributed.address``."""
+
+    space: str | None = None
+    trials: int = 8
+    workers_per_trial: int = 0
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    concurrency: int = 2
+    searcher: str = "optuna"
+    scheduler: str = "asha"
+    reduction_factor: int = 2
+    startup_trials: int = 0
+    storage: str | None = None
+    name: str | None = None
+    out: str = "runs/tune"
+    model_name: str | None = None
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        for key in ("trials", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"tune.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.searcher not in ("optuna", "random", "grid"):
+            raise ConfigError(f"tune.searcher: expected optuna, random or grid, got {self.searcher!r}")
+        if self.scheduler not in ("asha", "none"):
+            raise ConfigError(f"tune.scheduler: expected asha or none, got {self.scheduler!r}")
+        if self.startup_trials < 0:
+            raise ConfigError(f"tune.startup_trials: must be >= 1 (or 0 for the default), got {self.startup_trials}")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"tune.reduction_factor: must be >= 2, got {self.reduction_factor}")
+        if self.workers_per_trial < 0 or self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
+            raise ConfigError("tune.workers_per_trial, tune.gpus_per_trial must be >= 0 and tune.cpus_per_trial > 0")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError(f"tune.name: expected a folder name without '/', got {self.name!r}")
+        if self.methods and self.searcher == "grid":
+            raise ConfigError("tune.searcher grid: not available for a multi-method study (its spaces are conditional)")
+
+
+@dataclass
 class RecipeConfig:
     """Metadata of a paper-scale recipe (``recipes/<dataset>/<protocol>/<method>.yaml``). Training ignores it; it is
     logged with the run (params ``recipe.*``) so that ``raysemi report`` can set the run against the paper.
@@ -233,6 +283,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     out: str = "runs/latest"
 
     @property

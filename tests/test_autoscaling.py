@@ -114,15 +114,16 @@ def test_a_run_that_can_never_be_placed_is_refused_in_one_line(bundles: list[dic
 
 def test_tune_sizes_concurrency_on_the_node_types_and_refuses_what_never_fits(monkeypatch) -> None:
     monkeypatch.setattr(cluster_shape, "read_cluster_shape", stub_shape)
-    opts = tune.TuneOptions(concurrency=4, address="127.0.0.1:1")
-    spot = from_dict({"distributed": {"worker_resources": {"spot": 1}}})
-    assert tune._concurrency(opts, spot) == (1.0, 2), "two 1-CPU spot workers at the most, none now"
-    a100 = from_dict({"distributed": {"worker_resources": {"gpu_a100": 1}}})
+    cluster = {"address": "127.0.0.1:1"}
+    spot = from_dict({"distributed": {**cluster, "worker_resources": {"spot": 1}}, "tune": {"concurrency": 4}})
+    assert tune._concurrency(spot) == (1.0, 2), "two 1-CPU spot workers at the most, none now"
+    a100 = from_dict({"distributed": {**cluster, "worker_resources": {"gpu_a100": 1}}, "tune": {"concurrency": 4}})
     with pytest.raises(ConfigError, match=r"^a trial can never be scheduled: no node type offers gpu_a100;"):
-        tune._concurrency(opts, a100)
-    distributed = tune.TuneOptions(concurrency=4, address="127.0.0.1:1", workers_per_trial=2)
+        tune._concurrency(a100)
+    distributed = from_dict({"distributed": {**cluster, "worker_resources": {"spot": 1}},
+                             "tune": {"concurrency": 4, "workers_per_trial": 2}})
     with pytest.raises(ConfigError, match="its 3 requests"):  # the driver's CPU and two workers: 3 > 2 nodes
-        tune._concurrency(distributed, spot)
+        tune._concurrency(distributed)
 
 
 def test_a_trial_too_big_for_the_cluster_names_its_summed_custom_resources(monkeypatch) -> None:
@@ -131,11 +132,11 @@ def test_a_trial_too_big_for_the_cluster_names_its_summed_custom_resources(monke
     import ray
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "spot": 1.0})
-    opts = tune.TuneOptions(concurrency=4, workers_per_trial=2)  # no address: the cluster as it is now
-    spot = from_dict({"distributed": {"worker_resources": {"spot": 1}}})
+    # no address: the cluster as it is now
+    spot = from_dict({"distributed": {"worker_resources": {"spot": 1}}, "tune": {"concurrency": 4, "workers_per_trial": 2}})
     with pytest.raises(ConfigError, match=r"^a trial needs 3 CPU and 0 GPU and 2 spot; the Ray cluster has 8 CPU "
                                           r"and 0 GPU and 1 spot$"):
-        tune._concurrency(opts, spot)
+        tune._concurrency(spot)
 
 
 def test_train_refuses_a_worker_group_no_node_type_holds(monkeypatch) -> None:

@@ -23,6 +23,7 @@ def test_run_reads_back_from_sqlite(tmp_path: Path) -> None:
     assert run.data.params["method.name"] == "mt"
     assert run.data.params["data.eval_mode"] == "whole"
     assert run.data.params["split_digest"] == summary["split_digest"]
+    assert not [k for k in run.data.params if k.startswith("tune.")], "a training run logs its study's settings"
     assert run.data.metrics["val/miou"] == summary["val_miou"]
     history = client.get_metric_history(run.info.run_id, "loss/sup")
     assert [m.step for m in history] == [1, 2, 3, 4]

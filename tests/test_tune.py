@@ -20,13 +20,12 @@ import pytest
 import yaml
 
 from raysemi.cli import main
-from raysemi.config import from_dict
+from raysemi.config import TuneConfig, from_dict
 from raysemi.engine.search_space import default_space_path, load_space
 from raysemi.engine.study_report import TrialRow
 from raysemi.engine.tune import (
     Budget,
     MethodChoice,
-    TuneOptions,
     _check_same_spaces,
     _rows,
     plan_budget,
@@ -124,10 +123,27 @@ def test_quick_cpu_settings_yield_to_the_user() -> None:
 
 
 def test_tpe_models_the_space_after_a_quarter_of_a_small_study() -> None:
-    assert [startup_trials(TuneOptions(trials=n)) for n in (3, 8, 18, 100)] == [2, 2, 4, 10]
-    assert startup_trials(TuneOptions(trials=8, startup_trials=5)) == 5
-    with pytest.raises(ConfigError, match="--startup-trials"):
-        TuneOptions(startup_trials=0).validate()
+    assert [startup_trials(TuneConfig(trials=n)) for n in (3, 8, 18, 100)] == [2, 2, 4, 10]
+    assert startup_trials(TuneConfig(trials=8, startup_trials=5)) == 5
+    with pytest.raises(ConfigError, match="tune.startup_trials"):
+        TuneConfig(startup_trials=-1)
+
+
+def test_study_settings_are_a_config_section(tmp_path: Path) -> None:
+    """Flags < ``--set tune.KEY=V``, a ``tune:`` section of ``--config`` < flags, and bad values are one line naming
+    the key."""
+    from raysemi.cli import build_parser, run_config_from_args
+
+    config = tmp_path / "study.yaml"
+    config.write_text("tune: {trials: 5, searcher: random, out: studies}\n")
+    args = build_parser().parse_args(["tune", "--method", "mt", "--config", str(config), "--concurrency", "3",
+                                      "--set", "tune.reduction_factor=4"])
+    opts = run_config_from_args(args).tune
+    assert (opts.trials, opts.searcher, opts.out, opts.concurrency, opts.reduction_factor) == (5, "random", "studies", 3, 4)
+    flagged = build_parser().parse_args(["tune", "--method", "mt", "--config", str(config), "--trials", "2"])
+    assert run_config_from_args(flagged).tune.trials == 2
+    with pytest.raises(ConfigError, match=r"^tune.searcher: expected optuna, random or grid, got 'tpe'$"):
+        from_dict({"tune": {"searcher": "tpe"}})
 
 
 # ----------------------------------------------------------------------------------------------- studies
@@ -183,7 +199,7 @@ def test_method_lists_resolve_and_all_means_every_image_only_method() -> None:
     (["--methods", "mt,supervised", "--space", "SPACES", "--set", "train.eval_every=5"], "cutmix_prob"),
     (["--methods", "mt,supervised", "--set", "method.cons_weight=3"], "--set method.cons_weight=3"),
     (["--methods", "mt,supervised", "--method", "mt"], "--method NAME for one method or --methods"),
-    (["--methods", "mt,supervised", "--searcher", "grid"], "--searcher grid"),
+    (["--methods", "mt,supervised", "--searcher", "grid"], "tune.searcher grid"),
 ])
 def test_multi_method_studies_refuse_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                             argv: list[str], expected: str) -> None:

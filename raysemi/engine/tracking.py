@@ -284,7 +284,8 @@ class MlflowCallback(Callback):
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
-        params = flatten(to_dict(trainer.cfg))
+        # the tune section is the study's (its parent run logs it), not this run's
+        params = flatten({k: v for k, v in to_dict(trainer.cfg).items() if k != "tune"})
         params.update(
             {
                 "split_digest": trainer.loaders.split.digest(),

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from raysemi.config import Config, from_dict, merge, to_dict
+from raysemi.config import Config, TuneConfig, from_dict, merge, to_dict
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.loop import Trainer
 from raysemi.engine.ray_runtime import tune_runtime
@@ -59,52 +59,6 @@ CPU_QUICK_SETTINGS: dict[str, dict[str, Any]] = {
 STUDY_FILE = "study.json"
 #: The categorical a multi-method study samples first; a method's own values are nested under its name.
 METHOD_KEY = "method"
-
-
-@dataclass
-class TuneOptions:
-    """What ``raysemi tune`` controls beyond the trial config. ``cpus_per_trial`` is the trial driver's CPU
-    reservation (and the trial's torch threads on the plain path)."""
-
-    space: str | None = None
-    trials: int = 8
-    workers_per_trial: int = 0
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0
-    concurrency: int = 2
-    searcher: str = "optuna"
-    scheduler: str = "asha"
-    reduction_factor: int = 2
-    startup_trials: int | None = None
-    address: str | None = None
-    storage: str | None = None
-    name: str | None = None
-    resume: bool = False
-    out: str = "runs/tune"
-    model_name: str | None = None
-    seed: int = 0
-    #: Two or more methods searched in one study; empty for a single-method study (the config's method).
-    methods: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"--trials: must be >= 1, got {self.trials}")
-        if self.concurrency < 1:
-            raise ConfigError(f"--concurrency: must be >= 1, got {self.concurrency}")
-        if self.searcher not in ("optuna", "random", "grid"):
-            raise ConfigError(f"--searcher: expected optuna, random or grid, got {self.searcher!r}")
-        if self.scheduler not in ("asha", "none"):
-            raise ConfigError(f"--scheduler: expected asha or none, got {self.scheduler!r}")
-        if self.startup_trials is not None and self.startup_trials < 1:
-            raise ConfigError(f"--startup-trials: must be >= 1, got {self.startup_trials}")
-        if self.reduction_factor < 2:
-            raise ConfigError(f"--reduction-factor: must be >= 2, got {self.reduction_factor}")
-        if self.workers_per_trial < 0 or self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
-            raise ConfigError("--workers-per-trial, --gpus-per-trial must be >= 0 and the trial CPUs > 0")
-        if self.name is not None and (not self.name or "/" in self.name):
-            raise ConfigError(f"--name: expected a folder name without '/', got {self.name!r}")
-        if self.methods and self.searcher == "grid":
-            raise ConfigError("--searcher grid: not available for a multi-method study (its spaces are conditional)")
 
 
 @dataclass(frozen=True)
@@ -157,13 +111,14 @@ def resolve_methods(names: str) -> tuple[str, ...]:
     return methods
 
 
-def startup_trials(opts: TuneOptions) -> int:
+def startup_trials(opts: TuneConfig) -> int:
     """Random trials before TPE models the space: Optuna's default of 10 would leave most of a small study (8-20
     trials on a CPU) random, so a quarter of the study, at least 2 and at most Optuna's 10, unless set."""
     return opts.startup_trials or min(10, max(2, opts.trials // 4))
 
 
-def study_name(cfg: Config, opts: TuneOptions) -> str:
+def study_name(cfg: Config) -> str:
+    opts = cfg.tune
     return opts.name or f"{cfg.data.dataset}-{'methods' if opts.methods else cfg.method_name}"
 
 
@@ -300,13 +255,13 @@ def _run_distributed_trial(cfg: Config, context: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the study
-def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
+def run_study(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a study and return its summary; the leaderboard rows are under ``leaderboard``."""
-    opts.validate()
+    opts = cfg.tune
     out = Path(opts.out).resolve()
-    name = study_name(cfg, opts)
+    name = study_name(cfg)
     study_dir = out / name
-    spaces = _method_spaces(cfg, opts)
+    spaces = _method_spaces(cfg)
     budget = max((plan_budget(_method_config(cfg, m, bool(opts.methods)), s) for m, s in spaces.items()),
                  key=lambda b: b.grace)
     values = to_dict(cfg)
@@ -318,21 +273,21 @@ def run_study(cfg: Config, opts: TuneOptions) -> dict[str, Any]:
     if opts.workers_per_trial <= 1:
         values["train"]["threads"] = values["train"]["threads"] or max(1, int(opts.cpus_per_trial))
     values["distributed"] = {**values["distributed"], "workers": opts.workers_per_trial,
-                             "gpu": opts.gpus_per_trial > 0, "address": opts.address}
+                             "gpu": opts.gpus_per_trial > 0}
     base = checked_config(from_dict(values))
-    _check_study_folder(study_dir, opts.resume)
+    _check_study_folder(study_dir, resume)
 
     import ray
 
     from raysemi.engine.distributed import connect
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # finished trials reach the saved state promptly
-    started = connect(opts.address, log_to_driver=False)
+    started = connect(cfg.distributed.address, log_to_driver=False)
     try:
         # before the study is recorded: a study the cluster can never hold is refused without a trace
-        placement = _concurrency(opts, base)
-        study = _open_study_record(study_dir, base, opts, spaces, budget, name)
-        return _run(cfg, opts, base, spaces, budget, study, study_dir, out, name, placement)
+        placement = _concurrency(base)
+        study = _open_study_record(study_dir, base, resume, spaces, budget, name)
+        return _run(cfg, resume, base, spaces, budget, study, study_dir, out, name, placement)
     finally:
         if started:
             ray.shutdown()
@@ -348,7 +303,8 @@ def _method_config(cfg: Config, method: str, multi: bool) -> Config:
     return checked_config(from_dict(values))
 
 
-def _method_spaces(cfg: Config, opts: TuneOptions) -> dict[str, SearchSpace]:
+def _method_spaces(cfg: Config) -> dict[str, SearchSpace]:
+    opts = cfg.tune
     multi = bool(opts.methods)
     spaces = {}
     for method in opts.methods or (cfg.method_name,):
@@ -362,8 +318,9 @@ def _method_spaces(cfg: Config, opts: TuneOptions) -> dict[str, SearchSpace]:
     return spaces
 
 
-def _run(cfg: Config, opts: TuneOptions, base: Config, spaces: dict[str, SearchSpace], budget: Budget,
+def _run(cfg: Config, resume: bool, base: Config, spaces: dict[str, SearchSpace], budget: Budget,
          study: dict[str, Any], study_dir: Path, out: Path, name: str, placement: tuple[float, int]) -> dict[str, Any]:
+    opts = cfg.tune
     from ray import tune
 
     per_trial_cpus, concurrency = placement
@@ -377,7 +334,7 @@ def _run(cfg: Config, opts: TuneOptions, base: Config, spaces: dict[str, SearchS
     if opts.workers_per_trial <= 1:
         resources.update(base.distributed.worker_resources)  # the trial is the worker
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    tuner = _tuner(trainable, base, opts, spaces, budget, name, out, study_dir, concurrency)
+    tuner = _tuner(trainable, base, resume, spaces, budget, name, out, study_dir, concurrency)
     grid = tuner.fit()
     space = next(iter(spaces.values()))
     rows = _rows(grid, spaces, budget)
@@ -409,13 +366,14 @@ def _check_study_folder(study_dir: Path, resume: bool) -> None:
         raise ConfigError(f"{study_dir}: a study with this name exists; pass --resume to continue it or --name for a new one")
 
 
-def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, spaces: dict[str, SearchSpace],
+def _open_study_record(study_dir: Path, cfg: Config, resume: bool, spaces: dict[str, SearchSpace],
                        budget: Budget, name: str) -> dict[str, Any]:
     """The parent MLflow run of a new study (params: spaces, searcher, scheduler, budget), or the saved one; a
     resumed study must search the spaces it started with, or its record would mix two searches."""
+    opts = cfg.tune
     record_path = study_dir / STUDY_FILE
     searched = {m: s.as_dict() for m, s in spaces.items()}
-    if opts.resume:
+    if resume:
         record = json.loads(record_path.read_text())
         _check_same_spaces(record.get("spaces"), searched, spaces, study_dir)
         return record
@@ -436,7 +394,7 @@ def _open_study_record(study_dir: Path, cfg: Config, opts: TuneOptions, spaces: 
               "asha_reduction_factor": opts.reduction_factor, "tpe_startup_trials": startup_trials(opts),
               "warmup_fraction": budget.warmup,
               "workers_per_trial": opts.workers_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-              "concurrency": opts.concurrency, "seed": opts.seed, "model": cfg.model.name,
+              "concurrency": opts.concurrency, "seed": cfg.train.seed, "model": cfg.model.name,
               "labeled": cfg.data.labeled}
     client.log_batch(run.info.run_id, params=[MlflowParam(k, str(v)[:6000]) for k, v in params.items()])
     record = {"name": name, "parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
@@ -462,10 +420,11 @@ def _check_same_spaces(saved: dict[str, Any] | None, searched: dict[str, Any], s
                               "resume with the space it started with or start a new study with --name")
 
 
-def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
+def _concurrency(cfg: Config) -> tuple[float, int]:
     """CPUs reserved by a trial's driver and how many trials the cluster holds at once without deadlock: on a
     cluster whose autoscaler's node types are known (``cluster_shape``), at its largest, refusing a trial that can
     never be placed; elsewhere as it is now."""
+    opts = cfg.tune
     import ray
 
     from raysemi.engine.cluster_shape import (
@@ -484,7 +443,7 @@ def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
         driver = 1.0
         worker = worker_bundle(cfg.distributed.cpus_per_worker, 1.0 if opts.gpus_per_trial > 0 else 0.0, custom)
         bundles = [{"CPU": driver}] + [worker] * opts.workers_per_trial
-    shape = read_cluster_shape() if opts.address else None
+    shape = read_cluster_shape() if cfg.distributed.address else None
     if shape is not None:
         check_satisfiable(shape, bundles, "a trial")
         return driver, max_concurrent(shape, bundles, opts.concurrency)
@@ -506,25 +465,26 @@ def _concurrency(opts: TuneOptions, cfg: Config) -> tuple[float, int]:
     return driver, fits
 
 
-def _tuner(trainable: Any, cfg: Config, opts: TuneOptions, spaces: dict[str, SearchSpace], budget: Budget, name: str,
+def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSpace], budget: Budget, name: str,
            out: Path, study_dir: Path, concurrency: int) -> Any:
+    opts = cfg.tune
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    if opts.resume:
+    if resume:
         return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     space = next(iter(spaces.values()))
     if opts.searcher == "grid":
         if any(p.type != "choice" for p in space.params):
             raise ConfigError(f"{space.path}: --searcher grid needs every parameter to be of type choice")
         sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(
-            {p.sampled_name: list(p.values) for p in space.params}, seed=opts.seed)
+            {p.sampled_name: list(p.values) for p in space.params}, seed=cfg.train.seed)
     elif opts.searcher == "optuna":
-        sampler = optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=startup_trials(opts))
+        sampler = optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=startup_trials(opts))
     else:
-        sampler = optuna.samplers.RandomSampler(seed=opts.seed)
+        sampler = optuna.samplers.RandomSampler(seed=cfg.train.seed)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
     multi = len(spaces) > 1
     searcher = OptunaSearch(space=MethodChoice(spaces) if multi else None, metric=space.metric, mode=space.mode,
