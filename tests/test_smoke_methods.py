@@ -97,6 +97,21 @@ def test_every_optimizer_group_receives_a_gradient(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", METHODS.names())
+def test_every_trained_parameter_is_in_exactly_one_optimizer_group(name: str) -> None:
+    """A parameter in two groups (of one optimizer or two) takes two updates per step; a trainable one in none
+    never trains. Frozen copies (EMA teachers) have requires_grad off and belong to no group."""
+    method = _build(name)
+    owner: dict[int, str] = {}
+    for key, group_list in method.optimizer_groups().items():
+        for i, group in enumerate(group_list):
+            for param in group["params"]:
+                assert id(param) not in owner, f"{name}: one parameter is in {owner[id(param)]} and {key}[{i}]"
+                owner[id(param)] = f"{key}[{i}]"
+    orphans = [n for n, param in method.named_parameters() if param.requires_grad and id(param) not in owner]
+    assert not orphans, f"{name}: trainable parameters in no optimizer group: {orphans[:5]}"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
 def test_hyperparameter_defaults_survive_the_saved_config(name: str, tmp_path: Path) -> None:
     """Every default passes the config's type and range checks and reads back unchanged from a run's config.yaml
     (what --resume and eval rebuild the method from)."""
