@@ -189,16 +189,25 @@ def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None =
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from raysemi.methods import METHODS
-    from raysemi.methods.base import hyperparameter_table
+    from raysemi.methods.base import hyperparameter_docs
 
-    table = {name: {"doc": (METHODS.get(name).__doc__ or "").strip().splitlines()[0], "hyperparameters": hyperparameter_table(METHODS.get(name))} for name in METHODS.names()}
+    table = {}
+    for name in METHODS.names():
+        docs = hyperparameter_docs(METHODS.get(name))
+        table[name] = {
+            "doc": (METHODS.get(name).__doc__ or "").strip().splitlines()[0],
+            "hyperparameters": {key: doc["default"] for key, doc in docs.items()},
+            "help": {key: {"help": doc["help"], "rule": doc["rule"]} for key, doc in docs.items()},
+        }
     if args.json:
         print(json.dumps(table))
         return 0
     for name, entry in table.items():
         print(f"{name:<11} {entry['doc']}")
         for key, value in entry["hyperparameters"].items():
-            print(f"    {key} = {value!r}")
+            doc = entry["help"][key]
+            rule = f" ({doc['rule']})" if doc["rule"] else ""
+            print(f"    {key} = {value!r}: {doc['help']}{rule}")
     return 0
 
 

@@ -348,8 +348,8 @@ def test_aux_decoders_train_at_the_head_lr() -> None:
     method = _cct()
     groups = method.optimizer_groups()["main"]
     aux_ids = {id(p) for p in method.aux_decoders.parameters()}
-    aux_group = [g for g in groups if {id(p) for p in g["params"]} == aux_ids]
-    assert len(aux_group) == 1 and aux_group[0]["lr_mult"] == "head"
+    aux_group = [g for g in groups if {id(p) for p in g.params} == aux_ids]
+    assert len(aux_group) == 1 and aux_group[0].head
 
 
 def test_no_background_class_with_fallback_error_refuses_guided_perturbations() -> None:

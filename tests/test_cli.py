@@ -148,6 +148,10 @@ def test_listings(capsys) -> None:
     assert main(["methods", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["mt"]["hyperparameters"]["ema_decay"] == 0.99
+    assert table["mt"]["help"]["ema_buffers"]["rule"] == "one of ema, copy, own"
+    assert main(["methods"]) == 0
+    assert "    ema_decay = 0.99: the paper's fixed teacher decay a, used when ema_horizon is 0 (in [0, 1))" in (
+        capsys.readouterr().out.splitlines())
     assert main(["models"]) == 0 and "tiny" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "synthetic" in capsys.readouterr().out
 

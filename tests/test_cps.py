@@ -117,7 +117,7 @@ def test_each_group_loss_trains_only_its_network() -> None:
     method = _method().train()
     groups = method.optimizer_groups()
     assert set(groups) == {"net1", "net2"}
-    params = {name: {id(p) for g in gs for p in g["params"]} for name, gs in groups.items()}
+    params = {name: {id(p) for g in gs for p in g.params} for name, gs in groups.items()}
     assert params["net1"] == {id(p) for p in method.net1.parameters()}
     assert params["net2"] == {id(p) for p in method.net2.parameters()}
     out = method(*make_probe_batches(), PROGRESS)

@@ -356,8 +356,8 @@ def test_optimizer_groups_and_evaluated_networks() -> None:
     groups = method.optimizer_groups()
     assert set(groups) == {"task1", "task2", "detector"}
     (detector,) = groups["detector"]
-    assert detector["optimizer"] == "adam" and detector["lr"] == 3e-4 and detector["betas"] == (0.9, 0.99)
-    ids = {name: {id(p) for g in gs for p in g["params"]} for name, gs in groups.items()}
+    assert detector.optimizer == "adam" and detector.lr == 3e-4 and detector.betas == (0.9, 0.99)
+    ids = {name: {id(p) for g in gs for p in g.params} for name, gs in groups.items()}
     assert ids["task1"] == {id(p) for p in method.net1.parameters()}
     assert ids["task2"] == {id(p) for p in method.net2.parameters()}
     assert ids["detector"] == {id(p) for p in method.detector.parameters()}

@@ -175,14 +175,14 @@ def test_correction_group_loss_trains_only_the_correction_net() -> None:
     assert all(p.grad is not None for p in method.correction_net.parameters())
     groups = method.optimizer_groups()
     assert set(groups) == {"main", "ancillary", "correction"}
-    assert groups["correction"][0]["lr_mult"] == 10.0
+    assert groups["correction"][0].lr_mult == 10.0
     assert set(_method(correction="linear").optimizer_groups()) == {"main", "ancillary"}
 
 
 def test_ancillary_never_moves_after_its_stage_even_with_stale_grads() -> None:
     method = _method(correction="linear")
     method.train()
-    params = [p for gs in method.optimizer_groups().values() for g in gs for p in g["params"]]
+    params = [p for gs in method.optimizer_groups().values() for g in gs for p in g.params]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2)
     labeled, unlabeled = make_probe_batches()
     for it in (0, 50, 51):

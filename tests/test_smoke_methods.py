@@ -31,7 +31,7 @@ def _build(name: str, seed: int = 0, **overrides):
 
 def _sgd(method):
     groups = [g for gs in method.optimizer_groups().values() for g in gs]
-    params = [{"params": g["params"]} for g in groups]
+    params = [{"params": g.params} for g in groups]
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
@@ -40,7 +40,7 @@ def test_steps_are_finite_and_train(name: str) -> None:
     method = _build(name)
     method.train()
     opt = _sgd(method)
-    trained = [p for gs in method.optimizer_groups().values() for g in gs for p in g["params"]]
+    trained = [p for gs in method.optimizer_groups().values() for g in gs for p in g.params]
     for step in range(3):
         labeled, unlabeled = make_probe_batches(seed=step)
         out = method(labeled, unlabeled, Progress(TOTAL // 2 + step, TOTAL))
@@ -85,7 +85,7 @@ def test_every_optimizer_group_receives_a_gradient(name: str) -> None:
     later), so a group passes when the first step or a step midway through the run gives it a non-zero gradient."""
     method = _build(name)
     method.train()
-    groups = {f"{key}[{i}]": g["params"] for key, gs in method.optimizer_groups().items() for i, g in enumerate(gs)}
+    groups = {f"{key}[{i}]": g.params for key, gs in method.optimizer_groups().items() for i, g in enumerate(gs)}
     reached: set[str] = set()
     for iteration in (0, TOTAL // 2):
         labeled, unlabeled = make_probe_batches(seed=iteration)
@@ -104,7 +104,7 @@ def test_every_trained_parameter_is_in_exactly_one_optimizer_group(name: str) ->
     owner: dict[int, str] = {}
     for key, group_list in method.optimizer_groups().items():
         for i, group in enumerate(group_list):
-            for param in group["params"]:
+            for param in group.params:
                 assert id(param) not in owner, f"{name}: one parameter is in {owner[id(param)]} and {key}[{i}]"
                 owner[id(param)] = f"{key}[{i}]"
     orphans = [n for n, param in method.named_parameters() if param.requires_grad and id(param) not in owner]

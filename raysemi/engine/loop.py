@@ -144,24 +144,31 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
 def build_optimizers(method: Method, cfg: Config, lr: float) -> dict[str, torch.optim.Optimizer]:
     optimizers = {}
     for name, groups in method.optimizer_groups().items():
-        kind = groups[0].get("optimizer", cfg.optim.name)
-        param_groups = []
+        kinds = {group.optimizer or cfg.optim.name for group in groups}
+        betas = {group.betas for group in groups}
+        if len(kinds) > 1 or len(betas) > 1:
+            raise ValueError(f"optimizer {name!r}: its groups disagree on the optimizer or its betas")
+        kind, (group_betas,) = kinds.pop(), betas
+        torch_groups = []
         for group in groups:
-            mult = group.get("lr_mult", 1.0)
-            mult = cfg.optim.head_lr_mult if mult == "head" else float(mult)
-            base = float(group["lr"]) if "lr" in group else lr * mult
-            extra = {"betas": tuple(group["betas"])} if "betas" in group and kind != "sgd" else {}
-            if "weight_decay" in group:
-                extra["weight_decay"] = float(group["weight_decay"])
-            param_groups.append({"params": list(group["params"]), "lr": base, "initial_lr": base, **extra})
+            if group.lr is not None:
+                base = group.lr
+            else:
+                base = lr * (cfg.optim.head_lr_mult if group.head else group.lr_mult)
+            extra: dict[str, Any] = {}
+            if group_betas is not None and kind != "sgd":
+                extra["betas"] = group_betas
+            if group.weight_decay is not None:
+                extra["weight_decay"] = group.weight_decay
+            torch_groups.append({"params": list(group.params), "lr": base, "initial_lr": base, **extra})
         if kind == "sgd":
-            opt = torch.optim.SGD(param_groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+            opt = torch.optim.SGD(torch_groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
         elif kind == "adamw":
-            opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+            opt = torch.optim.AdamW(torch_groups, lr=lr, weight_decay=cfg.optim.weight_decay)
         elif kind == "adam":
-            opt = torch.optim.Adam(param_groups, lr=lr)
+            opt = torch.optim.Adam(torch_groups, lr=lr)
         else:
-            raise ValueError(f"optimizer group {name!r}: unknown optimizer {kind!r}")
+            raise ValueError(f"optimizer {name!r}: unknown optimizer {kind!r}")
         optimizers[name] = opt
     return optimizers
 

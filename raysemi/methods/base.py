@@ -20,7 +20,7 @@ from raysemi.data.batch import Batch
 from raysemi.data.info import DataInfo
 from raysemi.errors import ConfigError
 from raysemi.registry import Registry
-from raysemi.values import check_range, coerce_value
+from raysemi.values import check_specs, coerce_value, spec_of
 
 
 class ModelFactory(Protocol):
@@ -60,8 +60,35 @@ class StepOutput:
 
 @dataclass
 class Hyperparameters:
-    """Base class of each method's hyperparameter dataclass. Field defaults are the paper defaults; ramp-up
-    lengths are fractions of the total iterations."""
+    """Base class of each method's hyperparameter dataclass. Every field is declared with ``values.hyper`` (help
+    text, range or choices), or taken from a shared piece (``components.hyper``); the rules are checked when the
+    dataclass is built, so a bad value fails at config load. Rules across fields go in ``check``. Ramp-up lengths
+    are fractions of the total iterations."""
+
+    def __post_init__(self) -> None:
+        check_specs(self, "method")
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve more than one field (e.g. ``min <= max``); raise a one-line ``ConfigError``."""
+
+
+@dataclass
+class ParamGroup:
+    """One parameter group of a method's optimizer.
+
+    head: the LR is the run's LR times ``optim.head_lr_mult`` (DeepLab's 10x on the decoder); otherwise it is the
+    run's LR times ``lr_mult``, or the fixed ``lr`` when given. ``optimizer`` (sgd | adamw | adam, None = the
+    config's ``optim.name``), ``betas`` and ``weight_decay`` (None = the config's) must agree across the groups of
+    one optimizer, except ``weight_decay``."""
+
+    params: list[nn.Parameter]
+    head: bool = False
+    lr_mult: float = 1.0
+    lr: float | None = None
+    optimizer: str | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
 
 
 class Method(nn.Module):
@@ -90,9 +117,8 @@ class Method(nn.Module):
         """Called by the smoke tests once before their single measured step, for methods whose unsupervised
         target only exists after earlier steps (Temporal Ensembling's bank). Default: nothing."""
 
-    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        """Optimizer groups: name -> torch param-group dicts (``params`` plus optional ``lr_mult``,
-        ``optimizer`` ('sgd'|'adamw'|'adam'), ``lr``, ``betas``). Default: one group 'main' with every trainable
+    def optimizer_groups(self) -> dict[str, list[ParamGroup]]:
+        """Optimizers by name, each a list of ``ParamGroup``. Default: one optimizer 'main' with every trainable
         parameter of ``student()``, head parameters at the config's head LR multiplier."""
         return {"main": param_groups(self.student())}
 
@@ -121,18 +147,18 @@ class Method(nn.Module):
         return {}
 
 
-def param_groups(model: nn.Module, **extra: Any) -> list[dict[str, Any]]:
-    """Split a segmentation model's trainable parameters into backbone and head groups; the head group carries
-    ``lr_mult='head'`` so the loop applies the configured head multiplier (10x in DeepLab recipes)."""
+def param_groups(model: nn.Module, head_lr_mult: float | None = None) -> list[ParamGroup]:
+    """Split a segmentation model's trainable parameters into a backbone and a head group. The head group takes
+    the configured head multiplier (10x in DeepLab recipes), or ``head_lr_mult`` when a method sets its own."""
     backbone_ids = {id(p) for p in getattr(model, "backbone_parameters", lambda: [])()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     backbone = [p for p in trainable if id(p) in backbone_ids]
     head = [p for p in trainable if id(p) not in backbone_ids]
     groups = []
     if backbone:
-        groups.append({"params": backbone, **extra})
+        groups.append(ParamGroup(backbone))
     if head:
-        groups.append({"params": head, "lr_mult": "head", **extra})
+        groups.append(ParamGroup(head, head=True) if head_lr_mult is None else ParamGroup(head, lr_mult=head_lr_mult))
     return groups
 
 
@@ -160,8 +186,6 @@ def build_hparams(method_cls: type[Method], values: dict[str, Any]) -> Hyperpara
             )
     defaults = method_cls.Hyper()
     coerced = {k: coerce_value(f"method.{k}", v, getattr(defaults, k)) for k, v in values.items()}
-    for key, value in coerced.items():
-        check_range(f"method.{key}", value)
     return dataclasses.replace(defaults, **coerced)
 
 
@@ -174,8 +198,22 @@ def checked_config(cfg: Config) -> Config:
 
 
 def hyperparameter_table(method_cls: type[Method]) -> dict[str, Any]:
-    """Declared hyperparameters and their defaults (what ``raysemi methods`` prints)."""
+    """Declared hyperparameters and their defaults."""
     return dataclasses.asdict(method_cls.Hyper())
+
+
+def hyperparameter_docs(method_cls: type[Method]) -> dict[str, dict[str, Any]]:
+    """Each declared hyperparameter's default, help text and rule (what ``raysemi methods`` prints)."""
+    defaults = method_cls.Hyper()
+    docs = {}
+    for declared in dataclasses.fields(method_cls.Hyper):
+        spec = spec_of(declared)
+        docs[declared.name] = {
+            "default": getattr(defaults, declared.name),
+            "help": spec.help if spec else "",
+            "rule": spec.describe() if spec else "",
+        }
+    return docs
 
 
 def build_method(name: str, model_factory: ModelFactory, info: DataInfo, values: dict[str, Any]) -> Method:

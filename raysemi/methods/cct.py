@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from raysemi.methods.base import (
     Hyperparameters,
     Method,
     ModelFactory,
+    ParamGroup,
     Progress,
     StepOutput,
     param_groups,
@@ -213,8 +213,8 @@ class CrossConsistency(Method):
     def student(self) -> nn.Module:
         return self.net
 
-    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        aux = {"params": list(self.aux_decoders.parameters()), "lr_mult": "head"}
+    def optimizer_groups(self) -> dict[str, list[ParamGroup]]:
+        aux = ParamGroup(list(self.aux_decoders.parameters()), head=True)
         return {"main": [*param_groups(self.net), aux]}
 
     def supervised_loss(

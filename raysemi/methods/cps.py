@@ -4,7 +4,6 @@ CVPR 2021)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from raysemi.methods.base import (
     Hyperparameters,
     Method,
     ModelFactory,
+    ParamGroup,
     Progress,
     StepOutput,
     param_groups,
@@ -144,13 +144,12 @@ class CrossPseudoSupervision(Method):
     def extra_eval_models(self) -> dict[str, nn.Module]:
         return {"net2": self.net2, "average": AveragedProbabilities(self.net1, self.net2)}
 
-    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"net1": self._param_groups(self.net1), "net2": self._param_groups(self.net2)}
-
-    def _param_groups(self, net: nn.Module) -> list[dict[str, Any]]:
+    def optimizer_groups(self) -> dict[str, list[ParamGroup]]:
         # The method's own head multiplier replaces optim.head_lr_mult: the release runs every group at the base LR.
-        groups = param_groups(net)
-        return [{**g, "lr_mult": self.hp.head_lr_mult} if g.get("lr_mult") == "head" else g for g in groups]
+        return {
+            "net1": param_groups(self.net1, head_lr_mult=self.hp.head_lr_mult),
+            "net2": param_groups(self.net2, head_lr_mult=self.hp.head_lr_mult),
+        }
 
     def cps_weight(self, progress: Progress) -> float:
         """``cps_weight`` times the ramp-up over ``rampup_length`` of the run (0 at the first step by default)."""

@@ -4,7 +4,6 @@ Learning", ECCV 2020), after the authors' PixelSSL ``ssl_gct.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from raysemi.methods.base import (
     Hyperparameters,
     Method,
     ModelFactory,
+    ParamGroup,
     Progress,
     StepOutput,
     param_groups,
@@ -209,14 +209,14 @@ class GuidedCollaborativeTraining(Method):
     def extra_eval_models(self) -> dict[str, nn.Module]:
         return {"task2": self.net2}
 
-    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
-        detector = {
-            "params": [p for p in self.detector.parameters() if p.requires_grad],
-            "optimizer": "adam",
-            "lr": self.hp.fd_lr,
-            "betas": (0.9, 0.99),
-            "weight_decay": 0.0,
-        }
+    def optimizer_groups(self) -> dict[str, list[ParamGroup]]:
+        detector = ParamGroup(
+            [p for p in self.detector.parameters() if p.requires_grad],
+            optimizer="adam",
+            lr=self.hp.fd_lr,
+            betas=(0.9, 0.99),
+            weight_decay=0.0,
+        )
         return {"task1": param_groups(self.net1), "task2": param_groups(self.net2), "detector": [detector]}
 
     @torch.no_grad()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from raysemi.methods.base import (
     Hyperparameters,
     Method,
     ModelFactory,
+    ParamGroup,
     Progress,
     StepOutput,
     param_groups,
@@ -138,11 +138,11 @@ class SelfCorrection(Method):
     def student(self) -> nn.Module:
         return self.net
 
-    def optimizer_groups(self) -> dict[str, list[dict[str, Any]]]:
+    def optimizer_groups(self) -> dict[str, list[ParamGroup]]:
         groups = {"main": param_groups(self.net), "ancillary": param_groups(self.ancillary)}
         if self.correction_net is not None:
             params = list(self.correction_net.parameters())
-            groups["correction"] = [{"params": params, "lr_mult": self.hp.correction_lr_mult}]
+            groups["correction"] = [ParamGroup(params, lr_mult=self.hp.correction_lr_mult)]
         return groups
 
     def w_stage_start(self) -> float:
