@@ -164,3 +164,12 @@ def test_ema_uses_the_warm_up_decay_on_parameters_only() -> None:
 def test_invalid_choices_name_the_field(bad: dict) -> None:
     with pytest.raises(ConfigError, match=f"method.{next(iter(bad))}"):
         ClassMixHyper(**bad)
+
+
+@pytest.mark.parametrize("bad", [{"rampup_length": 1.5}, {"ema_horizon": 2.0}])
+def test_fractions_of_the_run_above_one_are_one_line_config_errors(bad: dict) -> None:
+    # The old by-name rule only asked ``*length`` and ``*horizon`` to be >= 0.
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected a value in \[0, 1\]") as err:
+        _identity_method(**bad)
+    assert "\n" not in str(err.value)

@@ -199,6 +199,16 @@ def test_invalid_choices_name_the_field(bad: dict) -> None:
         CutMixHyper(**bad)
 
 
+@pytest.mark.parametrize(("name", "bad"), [("cutmix", {"n_boxes": 0}), ("cutout", {"n_boxes": 0}),
+                                           ("cutmix", {"ema_horizon": 2.0})])
+def test_values_the_old_checks_let_through_are_one_line_config_errors(name: str, bad: dict) -> None:
+    # n_boxes had no rule (0 divided by zero in cutmix_box_masks at the first step); ema_horizon only ``>= 0``.
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected a value") as err:
+        _identity_method(name, **bad)
+    assert "\n" not in str(err.value)
+
+
 def test_pi_mode_target_is_detached() -> None:
     # Right after construction the EMA teacher equals the student, so both modes see the same target; the student
     # gradients agree only if the Pi-mode target carries no graph.

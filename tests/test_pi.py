@@ -142,3 +142,10 @@ def test_weight_zero_leaves_the_supervised_loss() -> None:
 def test_unknown_rampup_kind_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="method.rampup_kind"):
         _pi(rampup_kind="step")
+
+
+def test_a_rampup_longer_than_the_run_is_a_one_line_config_error() -> None:
+    # The old by-name rule only asked ``*length >= 0``: 1.5 passed and the weight never reached w_max.
+    with pytest.raises(ConfigError, match=r"^method\.rampup_length: expected a value in \[0, 1\]") as err:
+        _pi(rampup_length=1.5)
+    assert "\n" not in str(err.value)

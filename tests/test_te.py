@@ -253,6 +253,15 @@ def test_bad_choices_are_config_errors() -> None:
         _te(bank_height=8, bank_width=0)
 
 
+@pytest.mark.parametrize("coverage", [1.5, 0.0])
+def test_min_cell_coverage_outside_its_range_is_a_one_line_config_error(coverage: float) -> None:
+    # Never checked before: 1.5 asks for more than a cell's whole area (the bank stays empty), 0 updates the cells
+    # the crop does not cover with a zero mean.
+    with pytest.raises(ConfigError, match=r"^method\.min_cell_coverage: expected a value in \(0, 1\]") as err:
+        _te(min_cell_coverage=coverage)
+    assert "\n" not in str(err.value)
+
+
 def _tiny(in_channels: int = 3) -> nn.Module:
     return build_model("tiny", PROBE_CLASSES, in_channels=in_channels, width=8)
 

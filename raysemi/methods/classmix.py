@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysemi.data.batch import Batch
-from raysemi.errors import ConfigError
 from raysemi.methods.base import (
-    Hyperparameters,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
+    ConfidenceGateHyper,
+    EmaTeacherHyper,
     MeanTeacherMethod,
     classmix_masks,
     confidence_mask,
@@ -27,36 +27,27 @@ from raysemi.methods.components import (
     pseudo_label_accuracy,
     rampup,
 )
+from raysemi.values import hyper, redefault
 
 PIXEL_WEIGHTS = ("threshold_uniform", "threshold", "sigmoid", "none")
 CONSISTENCY_LOSSES = ("ce", "mse")
 
 
 @dataclass
-class ClassMixHyper(Hyperparameters):
-    cons_weight: float = 1.0
-    conf_threshold: float = 0.968
+class ClassMixHyper(EmaTeacherHyper, ConfidenceGateHyper):
+    cons_weight: float = hyper(1.0, "lambda on the unsupervised term", low=0.0)
+    conf_threshold: float = redefault(ConfidenceGateHyper, "conf_threshold", 0.968)
     # Not the paper's threshold_uniform: a from-scratch teacher passes 0.968 on almost no pixel for the first
     # iterations, so the term was <= 3% of the loss; recipes keep threshold_uniform.
-    pixel_weight: str = "sigmoid"
-    rampup_length: float = 0.1
-    consistency_loss: str = "ce"
-    strong_aug_mixed: bool = True
-    ema_decay: float = 0.99
-    ema_horizon: float = 0.01
-    ema_buffers: str = "own"
-
-    def __post_init__(self) -> None:
-        choices = {
-            "pixel_weight": PIXEL_WEIGHTS,
-            "consistency_loss": CONSISTENCY_LOSSES,
-            "ema_buffers": ("ema", "copy", "own"),
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(
-                    f"method.{name}: expected one of {', '.join(valid)}, got {getattr(self, name)!r}"
-                )
+    pixel_weight: str = hyper("sigmoid", "omega: threshold_uniform (batch fraction of pixels above conf_threshold), "
+                              "threshold (per pixel), sigmoid (a ramped-up constant), none (1)", choices=PIXEL_WEIGHTS)
+    rampup_length: float = hyper(0.1, "length of the sigmoid pixel weight's ramp-up, as a fraction of the run "
+                                 "(reference 10k of 40k iterations; 0 = off)", low=0.0, high=1.0)
+    consistency_loss: str = hyper("ce", "ce (hard mixed labels) or mse (softmax MSE to the mixed probabilities)",
+                                  choices=CONSISTENCY_LOSSES)
+    strong_aug_mixed: bool = hyper(True, "the student sees the mix of the strong (photometric) views instead of "
+                                   "the weak views")
+    ema_buffers: str = redefault(EmaTeacherHyper, "ema_buffers", "own")
 
 
 def paste_on_partner(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -78,14 +69,9 @@ class ClassMix(MeanTeacherMethod):
     ``L_u = cons_weight * mean(omega * CE(f_S(x_mix), y_hat))``; ``L = L_sup + L_u``; EMA after the step.
     The student is evaluated, as in the reference; the teacher is logged as ``teacher``.
 
-    Hyperparameters: cons_weight: lambda on the unsupervised term; conf_threshold: tau of the pixel weight;
-    pixel_weight: threshold_uniform (batch fraction above tau) | threshold (per pixel) | sigmoid (ramp-up of a
-    constant weight, the default) | none (weight 1); rampup_length: fraction of training of the sigmoid ramp
-    (default 0.1; reference 10k of 40k iterations); consistency_loss: ce (hard mixed labels) | mse (softmax MSE to mixed probabilities);
-    strong_aug_mixed: the student sees the mix of the strong (photometric) views instead of the weak views;
-    ema_decay: the paper's fixed teacher decay a (warm-up ``min(1 - 1/(t+1), a)``), used when ``ema_horizon`` is 0;
-    ema_horizon: the teacher's time constant as a fraction of the run (``components.run_scaled_decay``; recipes pin
-    0 and the paper's a); ema_buffers: ema | copy | own for BN statistics.
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``ClassMixHyper`` and the
+    shared pieces). ``conf_threshold`` is the tau of the pixel weight; the fixed ``ema_decay`` a is used with the
+    warm-up ``min(1 - 1/(t+1), a)`` when ``ema_horizon`` is 0 (the recipes pin 0 and the paper's a).
 
     Deviations: the reference applies colour jitter and blur once to each mixed image; here the two source images
     carry their own strong views (independent photometric parameters per half) and the optional flip of the mixed

@@ -9,16 +9,17 @@ import torch
 from torch import nn
 
 from raysemi.data.batch import Batch
-from raysemi.errors import ConfigError
 from raysemi.methods.base import (
-    Hyperparameters,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
-    RAMPUPS,
+    BoxMaskHyper,
+    ConfidenceGateHyper,
+    EmaTeacherHyper,
     MeanTeacherMethod,
+    RampUpHyper,
     confidence_mask,
     cross_entropy,
     cutmix_box_masks,
@@ -27,6 +28,7 @@ from raysemi.methods.components import (
     rampup,
     run_scaled_decay,
 )
+from raysemi.values import hyper, redefault
 
 #: Default teacher-confidence gate. French et al.'s 0.97 is never passed by a teacher trained from scratch on a
 #: dozen labels (confident fraction 0.0 for the first 60 iterations, the term <= 3% of the loss); recipes keep 0.97.
@@ -34,34 +36,14 @@ CONF_THRESHOLD = 0.0
 
 
 @dataclass
-class CutMixHyper(Hyperparameters):
-    cons_weight: float = 1.0
-    conf_threshold: float = CONF_THRESHOLD
-    conf_per_pixel: bool = False
-    ema_decay: float = 0.99
-    ema_horizon: float = 0.01
-    ema_buffers: str = "ema"
-    ema_warmup: bool = True
-    pi_mode: bool = False
-    box_area_min: float = 0.5
-    box_area_max: float = 0.5
-    n_boxes: int = 1
-    random_aspect: bool = True
-    rampup_length: float = 0.1
-    rampup_kind: str = "sigmoid"
-
-    def __post_init__(self) -> None:
-        if self.ema_buffers not in {"ema", "copy", "own"}:
-            raise ConfigError(f"method.ema_buffers: expected one of ema, copy, own, got {self.ema_buffers!r}")
-        if self.rampup_kind not in RAMPUPS:
-            raise ConfigError(
-                f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}"
-            )
-        if not 0.0 <= self.box_area_min <= self.box_area_max <= 1.0:
-            raise ConfigError(
-                f"method.box_area_min/box_area_max: expected 0 <= min <= max <= 1, "
-                f"got {self.box_area_min}, {self.box_area_max}"
-            )
+class CutMixHyper(RampUpHyper, EmaTeacherHyper, ConfidenceGateHyper, BoxMaskHyper):
+    cons_weight: float = hyper(1.0, "lambda on the consistency term (squared distance summed over classes)", low=0.0)
+    conf_threshold: float = redefault(ConfidenceGateHyper, "conf_threshold", CONF_THRESHOLD)
+    conf_per_pixel: bool = hyper(False, "weight each pixel by its own confidence mask (False: by the mask's "
+                                 "batch mean, as the reference)")
+    ema_warmup: bool = hyper(True, "warm-up decay min(1 - 1/(t+1), a), as every other teacher here; False: the "
+                             "reference's fixed a from step 0, which averages the random initialisation in")
+    pi_mode: bool = hyper(False, "the teacher is the student itself (target detached, no EMA)")
 
 
 @register_method("cutmix")
@@ -74,16 +56,10 @@ class CutMix(MeanTeacherMethod):
     of ``1[max q >= conf_threshold]`` (or per pixel); ``L = L_sup + cons_weight * L_cons``. EMA after the step.
     The student is reported; the teacher is logged as ``teacher`` (the one rule of ``Method.eval_model``).
 
-    Hyperparameters: cons_weight: lambda on the consistency term (sum over classes); conf_threshold: teacher
-    confidence tau (default 0, see ``CONF_THRESHOLD``; paper 0.97); conf_per_pixel: per-pixel confidence mask
-    instead of its batch mean; ema_decay: the paper's fixed teacher decay a, used when ``ema_horizon`` is 0;
-    ema_horizon: the teacher's time constant as a fraction of the run (``components.run_scaled_decay``);
-    ema_buffers: ema | copy | own for BN statistics; ema_warmup: ``min(1 - 1/(t+1), a)`` (default, as every other
-    teacher here) instead of the reference's fixed a from step 0, which averages the random initialisation in;
-    pi_mode: the teacher is the student itself (target detached); box_area_min/box_area_max: range of the box area
-    fraction r; n_boxes: boxes per mask; random_aspect: random box aspect ratio; rampup_length: fraction of training
-    over which the consistency weight ramps up (default 0.1 so the teacher first learns from labels; 0 = off, as in
-    the reference); rampup_kind: ramp-up shape.
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``CutMixHyper`` and the
+    shared pieces). ``conf_threshold`` defaults to 0 (see ``CONF_THRESHOLD``; paper 0.97, kept by the recipes);
+    ``rampup_length`` defaults to 0.1 of the run so the teacher first learns from labels (0 = off, as in the
+    reference); the box area fraction r is drawn in [``box_area_min``, ``box_area_max``].
 
     Deviations: the reference draws the two mixed images from two independent unlabelled loaders; here sample i
     of the one unlabelled batch is paired with sample (i + 1) mod B (each image appears in two mixes; with B = 1 the
@@ -172,8 +148,8 @@ def _valid(batch: Batch) -> torch.Tensor:
 
 @dataclass
 class CutoutHyper(CutMixHyper):
-    box_area_min: float = 0.0
-    box_area_max: float = 1.0
+    box_area_min: float = redefault(BoxMaskHyper, "box_area_min", 0.0)
+    box_area_max: float = redefault(BoxMaskHyper, "box_area_max", 1.0)
 
 
 @register_method("cutout")

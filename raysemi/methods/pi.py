@@ -9,31 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysemi.data.batch import Batch
-from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     Method,
     ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
-from raysemi.methods.components import RAMPUPS, cross_entropy, rampup
+from raysemi.methods.components import RampUpHyper, cross_entropy, rampup
+from raysemi.values import hyper, redefault
 
 
 @dataclass
-class PiHyper(Hyperparameters):
-    cons_weight: float = 10.0
-    rampup_length: float = 0.3
-    rampup_kind: str = "sigmoid"
-    pi_detach_target: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rampup_kind not in RAMPUPS:
-            raise ConfigError(
-                f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}"
-            )
+class PiHyper(RampUpHyper):
+    cons_weight: float = hyper(10.0, "maximum consistency weight w_max on the class-and-pixel mean softmax MSE "
+                               "(project choice for the mean-reduced MSE; paper 100)", low=0.0)
+    rampup_length: float = redefault(RampUpHyper, "rampup_length", 0.3)
+    pi_detach_target: bool = hyper(True, "the clean pass is a stop-gradient target and the consistency trains the "
+                                   "noisy pass only (French et al.'s pi mode); False: both passes (Laine & Aila)")
 
 
 def pixel_weights(*batches: Batch) -> torch.Tensor | None:
@@ -55,13 +49,8 @@ def consistency(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
 class PiModel(Method):
     """Pi-model (method spec section 3).
 
-    Hyperparameters:
-        cons_weight: maximum consistency weight ``w_max`` (project choice for mean-reduced MSE; paper 100).
-        rampup_length: sigmoid ramp-up length as a fraction of the total iterations (paper: 80 epochs).
-        rampup_kind: ramp-up shape: sigmoid (paper), linear, cosine, log, exp.
-        pi_detach_target: the clean pass is the target, without gradient, and the consistency trains the network
-            through the noisy pass only (French et al.'s "pi" mode, default); False gives both passes gradient,
-            as in the original Pi-model.
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``PiHyper`` and the shared
+    ``RampUpHyper``); the ramp-up is the paper's sigmoid over 0.3 of the run (paper: 80 epochs).
 
     Step: every labelled and unlabelled image is passed twice through the network in train mode (dropout and
     batch-norm active): pass 1 on the weak (clean) view ``images``, pass 2 on ``strong_images`` (the same crop

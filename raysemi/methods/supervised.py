@@ -8,30 +8,20 @@ import torch
 from torch import nn
 
 from raysemi.data.batch import Batch
-from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     Method,
     ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
-from raysemi.methods.components import cross_entropy, ohem_cross_entropy
+from raysemi.methods.components import OhemHyper, cross_entropy, ohem_cross_entropy
 
 
 @dataclass
-class SupervisedHyper(Hyperparameters):
-    ohem: bool = False
-    ohem_thresh: float = 0.7
-    ohem_min_kept_fraction: float = 0.042
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ohem_min_kept_fraction <= 1.0:
-            raise ConfigError(
-                f"method.ohem_min_kept_fraction: expected a fraction in [0, 1], got {self.ohem_min_kept_fraction}"
-            )
+class SupervisedHyper(OhemHyper):
+    """The shared OHEM piece only (ohem, ohem_thresh, ohem_min_kept_fraction), with its defaults."""
 
 
 def supervised_loss(hp: SupervisedHyper, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -47,10 +37,8 @@ class Supervised(Method):
     the SSL method it is compared with, trained on the labelled subset only. The loop loads no unlabelled batch
     for it, and its ``unsup`` term is a constant 0 (the smoke tests know this method has none).
 
-    Hyperparameters:
-        ohem: OHEM instead of plain CE (Cityscapes, as the SSL recipes' supervised term).
-        ohem_thresh: OHEM probability threshold (0.7).
-        ohem_min_kept_fraction: OHEM keeps at least this fraction of the batch's pixels (``ohem_cross_entropy``).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (the shared ``OhemHyper`` piece); OHEM
+    is on in the Cityscapes recipe, as the SSL recipes' supervised term.
 
     Deviation from the reference (U2PL's supervised baseline): its OHEM keeps at least an absolute 100,000 pixels
     of each worker's batch of 4 x 769 x 769; here that share, 0.042, of whatever batch and crop the run uses, so

@@ -14,7 +14,6 @@ from raysemi.data.batch import IGNORE_INDEX, Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     Method,
     ModelFactory,
     Progress,
@@ -22,7 +21,7 @@ from raysemi.methods.base import (
     register_method,
 )
 from raysemi.methods.components import (
-    RAMPUPS,
+    RampUpHyper,
     all_gather_cat,
     canonical_to_crop,
     crop_to_canonical,
@@ -31,35 +30,35 @@ from raysemi.methods.components import (
     pseudo_label_accuracy,
     rampup,
 )
+from raysemi.values import hyper, redefault
 
 BANK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
-class TemporalEnsemblingHyper(Hyperparameters):
-    cons_weight: float = 10.0
-    rampup_length: float = 0.3
-    rampup_kind: str = "sigmoid"
-    alpha: float = 0.6
-    bank_stride: int = 8
-    bank_height: int = 0
-    bank_width: int = 0
-    bank_dtype: str = "float16"
-    min_cell_coverage: float = 0.5
-    cons_on_labeled: bool = True
+class TemporalEnsemblingHyper(RampUpHyper):
+    cons_weight: float = hyper(10.0, "maximum consistency weight w_max on the class-and-pixel mean softmax MSE "
+                               "(project choice for the mean-reduced MSE; paper 100)", low=0.0)
+    rampup_length: float = redefault(RampUpHyper, "rampup_length", 0.3)
+    alpha: float = hyper(0.6, "ensemble momentum of the bank, Z <- alpha Z + (1 - alpha) z, per visit of a sample "
+                         "(paper 0.6 per epoch: about 1 / (1 - alpha) = 2.5 past predictions)",
+                         low=0.0, high=1.0, open_high=True)
+    bank_stride: int = hyper(8, "pixels of the training crop per bank cell: ceil(crop_size / bank_stride) cells per "
+                             "side (spec: output stride 8)", low=1)
+    bank_height: int = hyper(0, "explicit bank grid height in cells, with bank_width (both 0 = from the crop and "
+                             "bank_stride), for images larger than the crop", low=0)
+    bank_width: int = hyper(0, "explicit bank grid width in cells, with bank_height (both 0 = from the crop and "
+                            "bank_stride)", low=0)
+    bank_dtype: str = hyper("float16", "storage type of the bank", choices=tuple(BANK_DTYPES))
+    min_cell_coverage: float = hyper(0.5, "a bank cell is updated only when the crop covers at least this fraction "
+                                     "of its area (0 would update uncovered cells)", low=0.0, high=1.0,
+                                     open_low=True)
+    cons_on_labeled: bool = hyper(True, "keep ensembles of the labelled images too and apply the consistency to "
+                                  "them (paper)")
 
-    def __post_init__(self) -> None:
-        if self.rampup_kind not in RAMPUPS:
-            raise ConfigError(
-                f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}"
-            )
-        if self.bank_dtype not in BANK_DTYPES:
-            raise ConfigError(f"method.bank_dtype: expected one of float16, float32, got {self.bank_dtype!r}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ConfigError(f"method.alpha: expected 0 <= alpha < 1, got {self.alpha}")
-        if self.bank_stride < 1:
-            raise ConfigError(f"method.bank_stride: expected an integer >= 1, got {self.bank_stride}")
-        if min(self.bank_height, self.bank_width) < 0 or (self.bank_height > 0) != (self.bank_width > 0):
+    def check(self) -> None:
+        super().check()
+        if (self.bank_height > 0) != (self.bank_width > 0):
             raise ConfigError(
                 f"method.bank_height/bank_width: expected both >= 1, or both 0 (size from the crop and "
                 f"bank_stride), got {self.bank_height}x{self.bank_width}"
@@ -78,21 +77,14 @@ def bank_cells(hp: TemporalEnsemblingHyper, crop_size: tuple[int, int]) -> tuple
 class TemporalEnsembling(Method):
     """Temporal Ensembling (method spec section 3).
 
-    Hyperparameters:
-        cons_weight: maximum consistency weight ``w_max`` (project choice for mean-reduced MSE; paper 100).
-        rampup_length: sigmoid ramp-up length as a fraction of the total iterations (paper: 80 epochs).
-        rampup_kind: ramp-up shape: sigmoid (paper), linear, cosine, log, exp.
-        alpha: ensemble momentum of the bank ``Z <- alpha Z + (1 - alpha) z``, per visit of a sample (paper 0.6
-            per epoch, one visit per epoch): the ensemble weighs about ``1 / (1 - alpha)`` = 2.5 past predictions
-            of each sample whatever the run's length, which is what the paper's value means.
-        bank_stride: pixels of the training crop per bank cell (spec: output stride 8): the grid over the whole
-            un-augmented image has ``ceil(crop_size / bank_stride)`` cells per side, the crop standing for the
-            image's size at scale 1 (true for VOC's 513 crop over images of at most 500 pixels).
-        bank_height, bank_width: explicit cells of the grid instead (both 0 = from the crop): for images larger
-            than the crop, e.g. Cityscapes' 1024x2048 at stride 8 = 128x256. Images of any size share one grid.
-        bank_dtype: bank storage, float16 (default) or float32.
-        min_cell_coverage: a bank cell is updated only when the crop covers at least this fraction of its area.
-        cons_on_labeled: keep ensembles of the labelled images too and apply the consistency to them (paper).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in
+    ``TemporalEnsemblingHyper`` and the shared ``RampUpHyper``; the ramp-up is the paper's sigmoid over 0.3 of the
+    run, paper: 80 epochs). ``alpha`` is per visit of a sample (the paper's 0.6 is per epoch, one visit per
+    epoch): the ensemble weighs about ``1 / (1 - alpha)`` = 2.5 past predictions of each sample whatever the run's
+    length, which is what the paper's value means. The bank grid over the whole un-augmented image has
+    ``ceil(crop_size / bank_stride)`` cells per side, the crop standing for the image's size at scale 1 (true for
+    VOC's 513 crop over images of at most 500 pixels); ``bank_height`` x ``bank_width`` set it instead for images
+    larger than the crop, e.g. Cityscapes' 1024x2048 at stride 8 = 128x256. Images of any size share one grid.
 
     Step: one pass on the weak view of labelled images and the strong view of unlabelled ones (train mode, dropout
     active); ``z = softmax(f(x))``. Target: the bank rows of the batch's samples, bias-corrected per cell,
