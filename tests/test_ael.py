@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from raysemi.config import apply_overrides, from_dict
 from raysemi.data.batch import IGNORE_INDEX
 from raysemi.data.datasets import CamVid, Cityscapes, PascalVOC
 from raysemi.errors import ConfigError
-from raysemi.methods import Progress, build_method
+from raysemi.methods import Progress, build_method, checked_config
 from raysemi.methods.ael import (
     adaptive_cutmix,
     bank_rows,
@@ -344,3 +345,17 @@ def test_invalid_settings_fail_with_the_field_name() -> None:
         _build(rampup_kind="step")
     with pytest.raises(ConfigError, match="method.conf_horizon"):
         _build(conf_horizon=-0.01)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    # Accepted by the old AELHyper.__post_init__, which checked only ema_buffers, acp_classes, rampup_kind and
+    # the horizons >= 0 (and, since 6bddbe5, no by-name rule): a negative re-weighting power, a bank momentum of
+    # 1.0 (conf frozen at 1/C), a paste probability of 1.5 and a threshold of 1.5 (no pseudo label at all).
+    [("gamma=-1", "gamma"), ("m_conf=1.0", "m_conf"), ("paste_prob=1.5", "paste_prob"),
+     ("threshold=1.5", "threshold")],
+)
+def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: str) -> None:
+    values = apply_overrides({"method": {"name": "ael"}}, [f"method.{setting}"])
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
+        checked_config(from_dict(values))

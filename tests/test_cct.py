@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from raysemi.config import apply_overrides, from_dict
 from raysemi.errors import ConfigError
-from raysemi.methods import Progress, build_method
+from raysemi.methods import Progress, build_method, checked_config
 from raysemi.methods.base import DataInfo
 from raysemi.methods.cct import CCTHyper, abce_threshold, annealed_bootstrapped_ce
 from raysemi.models import build_model
@@ -374,3 +375,17 @@ def test_no_background_class_with_fallback_error_refuses_guided_perturbations() 
 def test_invalid_hyperparameters_name_the_key(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         _cct(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    # Accepted by the old CCTHyper.__post_init__, which checked the choices, the decoder counts and only
+    # 0 <= low <= high of feature_drop_gamma: a DropOut p of 1.5 failed inside F.dropout2d at the first step, a
+    # gamma above 1 and an erase fraction above 1 ran silently, and xi 0 silently made I-VAT's r_adv zero.
+    [("drop_rate=1.5", "drop_rate"), ("feature_drop_gamma=0.7,1.5", "feature_drop_gamma"),
+     ("cutout_erase=1.5", "cutout_erase"), ("vat_xi=0", "vat_xi")],
+)
+def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: str) -> None:
+    values = apply_overrides({"method": {"name": "cct"}}, [f"method.{setting}"])
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
+        checked_config(from_dict(values))

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from raysemi.config import Config
+from raysemi.config import Config, apply_overrides, from_dict
 from raysemi.engine.loop import build_optimizers
 from raysemi.errors import ConfigError
-from raysemi.methods import Progress, build_method
+from raysemi.methods import Progress, build_method, checked_config
 from raysemi.methods.cps import cps_loss
 from raysemi.models import build_model
 from tests.conftest import PROBE_CLASSES, make_probe_batches, probe_info
@@ -223,3 +223,16 @@ def test_first_step_learns_from_labels_only_unless_the_ramp_is_off() -> None:
 def test_invalid_settings_name_the_key(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         _method(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    # Accepted by the old CPSHyper.__post_init__, which checked only rampup_kind, rampup_length, head_lr_mult and
+    # the cutmix areas (and, since 6bddbe5, no by-name rule either): 0 boxes divided by zero in cutmix_box_masks at
+    # the first CutMix step, a threshold of 1.5 and a negative weight ran silently.
+    [("cutmix_n_boxes=0", "cutmix_n_boxes"), ("ohem_thresh=1.5", "ohem_thresh"), ("cps_weight=-1", "cps_weight")],
+)
+def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: str) -> None:
+    values = apply_overrides({"method": {"name": "cps"}}, [f"method.{setting}"])
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
+        checked_config(from_dict(values))

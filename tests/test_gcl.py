@@ -10,8 +10,9 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+from raysemi.config import apply_overrides, from_dict
 from raysemi.errors import ConfigError
-from raysemi.methods import Progress, build_method
+from raysemi.methods import Progress, build_method, checked_config
 from raysemi.methods.base import DataInfo
 from raysemi.methods.components import cross_entropy
 from raysemi.methods.gcl import (
@@ -372,3 +373,16 @@ def test_optimizer_groups_and_evaluated_networks() -> None:
 def test_invalid_hyperparameters_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"method.{field}"):
         GCLHyper(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    # Accepted by the old GCLHyper.__post_init__, which checked only fd_lr, the divisors, detector_width, nu,
+    # dilation_size, detector_stride and detector_min_input: xi 1.5 silently switches flaw correction off (the
+    # handled maps lie in [0, 1]); a negative mu, ramp-up or weight ran as well.
+    [("xi=1.5", "xi"), ("mu=-0.5", "mu"), ("dc_rampup=-0.1", "dc_rampup"), ("lambda_dc=-1", "lambda_dc")],
+)
+def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: str) -> None:
+    values = apply_overrides({"method": {"name": "gcl"}}, [f"method.{setting}"])
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
+        checked_config(from_dict(values))

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raysemi.config import apply_overrides, from_dict
 from raysemi.errors import ConfigError
-from raysemi.methods import Progress, build_method
+from raysemi.methods import Progress, build_method, checked_config
 from raysemi.methods.selfcorr import alpha_at, in_ancillary_subset
 from raysemi.models import build_model
 from raysemi.models.self_correction import ConvSelfCorrection, linear_self_correction
@@ -233,3 +234,17 @@ def test_invalid_hyperparameters_and_missing_boxes_fail_clearly() -> None:
     unlabeled.box_channels = None
     with pytest.raises(ValueError, match="box_channels"):
         _method()(labeled, unlabeled, Progress(50, TOTAL))
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    # Accepted by the old SelfCorrectionHyper.__post_init__, which checked correction, the stages,
+    # ancillary_f_fraction and alpha: a correction net at a negative (or zero) LR multiplier and, since 6bddbe5
+    # dropped the by-name rules, a negative W weight.
+    [("correction_lr_mult=-1", "correction_lr_mult"), ("correction_lr_mult=0", "correction_lr_mult"),
+     ("w_weight=-1", "w_weight")],
+)
+def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: str) -> None:
+    values = apply_overrides({"method": {"name": "selfcorr"}}, [f"method.{setting}"])
+    with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
+        checked_config(from_dict(values))

@@ -11,15 +11,16 @@ from raysemi.data.batch import IGNORE_INDEX, Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     ModelFactory,
     Progress,
     StepOutput,
     register_method,
 )
 from raysemi.methods.components import (
-    RAMPUPS,
+    EmaTeacherHyper,
     MeanTeacherMethod,
+    OhemHyper,
+    RampUpHyper,
     all_gather_cat,
     all_reduce_mean,
     component_box_mask,
@@ -33,42 +34,36 @@ from raysemi.methods.components import (
     rampup,
     run_scaled_decay,
 )
+from raysemi.values import hyper, redefault
 
 
 @dataclass
-class AELHyper(Hyperparameters):
-    consist_weight: float = 1.0
-    rampup_length: float = 0.2
-    rampup_kind: str = "cosine"
-    gamma: float = 2.0
-    gamma2: float = 1.0
-    m_conf: float = 0.999
-    conf_horizon: float = 0.025
-    ema_decay: float = 0.99
-    ema_horizon: float = 0.01
-    ema_buffers: str = "own"
-    acp_classes: int = 3
-    paste_prob: float = 0.5
-    area_thresh: float = 0.005
-    area_thresh2: float = 0.01
-    threshold: float = 0.0
-    ohem: bool = True
-    ohem_thresh: float = 0.7
-    ohem_min_kept_fraction: float = 0.085
-    conf_skip_absent: bool = False
-    weights_count_ignored: bool = False
-    strong_view: bool = False
-
-    def __post_init__(self) -> None:
-        if self.ema_buffers not in {"ema", "copy", "own"}:
-            raise ConfigError(f"method.ema_buffers: expected one of ema, copy, own, got {self.ema_buffers!r}")
-        if self.acp_classes < 1:
-            raise ConfigError(f"method.acp_classes: expected an integer >= 1, got {self.acp_classes}")
-        if self.rampup_kind not in RAMPUPS:
-            raise ConfigError(f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}")
-        for key in ("rampup_length", "conf_horizon", "ema_horizon"):
-            if getattr(self, key) < 0.0:
-                raise ConfigError(f"method.{key}: expected a fraction >= 0, got {getattr(self, key)}")
+class AELHyper(RampUpHyper, EmaTeacherHyper, OhemHyper):
+    consist_weight: float = hyper(1.0, "lambda, the weight of the unsupervised loss", low=0.0)
+    rampup_length: float = redefault(RampUpHyper, "rampup_length", 0.2)
+    rampup_kind: str = redefault(RampUpHyper, "rampup_kind", "cosine")
+    gamma: float = hyper(2.0, "re-weighting power: pixel weights teacher_conf^gamma", low=0.0)
+    gamma2: float = hyper(1.0, "sampling sharpness: rates ((1 - Conf_c) / max(1 - Conf))^gamma2", low=0.0)
+    m_conf: float = hyper(0.999, "the reference's fixed momentum of the class confidence bank, used when "
+                          "conf_horizon is 0", low=0.0, high=1.0, open_high=True)
+    conf_horizon: float = hyper(0.025, "the confidence bank's time constant as a fraction of the run "
+                                "(m = 1 - 1/(horizon * iterations)); 0 = the fixed m_conf", low=0.0, high=1.0)
+    ema_buffers: str = redefault(EmaTeacherHyper, "ema_buffers", "own")
+    acp_classes: int = hyper(3, "classes drawn per adaptive copy-paste (VOC reference: 1)", low=1)
+    paste_prob: float = hyper(0.5, "probability that a labelled sample receives a paste", low=0.0, high=1.0)
+    area_thresh: float = hyper(0.005, "adaptive CutMix: a connected component of c* gives the box when it covers "
+                               "more than this fraction of the image", low=0.0, high=1.0)
+    area_thresh2: float = hyper(0.01, "unlabelled class bank: a class is marked in an image when it covers at "
+                                "least this fraction of it", low=0.0, high=1.0)
+    threshold: float = hyper(0.0, "teacher confidence a pixel needs for a pseudo label (0 = every pixel; VOC "
+                             "reference: 0.7)", low=0.0, high=1.0)
+    ohem: bool = redefault(OhemHyper, "ohem", True)
+    ohem_min_kept_fraction: float = redefault(OhemHyper, "ohem_min_kept_fraction", 0.085)
+    conf_skip_absent: bool = hyper(False, "classes absent from the batch keep their conf (else they move "
+                                   "towards 0)")
+    weights_count_ignored: bool = hyper(False, "ignored pixels count in the weight normalisation, as in the "
+                                        "reference")
+    strong_view: bool = hyper(False, "mix the strong views of the unlabelled images (default: the weak ones)")
 
 
 def class_confidence(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +141,8 @@ class AEL(MeanTeacherMethod):
     by ``teacher_conf^gamma`` normalised to sum 1; ``L = L_sup + w(t) * (L_u(labelled) + L_u(mixed))``,
     ``w(t) = consist_weight * ramp(t)``. The student is reported, the teacher logged as ``teacher``.
 
-    Fields (lengths and horizons are fractions of the run, 0 = off / the fixed value): consist_weight (lambda),
-    rampup_length / rampup_kind (its ramp-up), gamma (re-weighting power), gamma2 (sampling sharpness), m_conf /
-    conf_horizon (bank momentum / time constant), ema_decay / ema_horizon (teacher decay / time constant),
-    ema_buffers (ema|copy|own), acp_classes (classes drawn per copy-paste), paste_prob (chance a labelled sample
-    receives a paste), area_thresh (min component area, CutMix box), area_thresh2 (min class area, bank),
-    threshold (pseudo-label confidence), ohem, ohem_thresh, ohem_min_kept_fraction (of the labelled batch's
-    pixels), conf_skip_absent (classes absent from the batch keep their conf), weights_count_ignored (ignored
-    pixels count in the weight normalisation, as in the reference), strong_view (mix the strong views).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``AELHyper`` and the
+    shared pieces); lengths and horizons are fractions of the run, 0 = off / the fixed value.
 
     Deviations for scratch training and short runs (recipes set ``rampup_length``, ``conf_horizon`` and
     ``ema_horizon`` to 0, the reference): lambda ramps up (cosine, 0 at step 0, over 0.2 of the run; the reference

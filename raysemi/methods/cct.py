@@ -14,7 +14,6 @@ from raysemi.data.batch import IGNORE_INDEX, Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     Method,
     ModelFactory,
     ParamGroup,
@@ -24,7 +23,7 @@ from raysemi.methods.base import (
     register_method,
 )
 from raysemi.methods.components import (
-    RAMPUPS,
+    RampUpHyper,
     cross_entropy,
     dropout_off,
     mse_prob,
@@ -40,50 +39,44 @@ from raysemi.models.cct_decoders import (
     upsampling_stages,
 )
 from raysemi.models.registry import upsample
+from raysemi.values import hyper
 
 SUP_LOSSES = ("ce", "abce")
 BACKGROUND_FALLBACKS = ("most_frequent", "error")
 
 
 @dataclass
-class CCTHyper(Hyperparameters):
-    cons_weight: float = 30.0
-    rampup_length: float = 0.1
-    rampup_kind: str = "sigmoid"
-    sup_loss: str = "ce"
-    abce_rampup: float = 0.4
-    abce_min_kept: int = 1
-    vat: int = 2
-    drop: int = 6
-    cutout: int = 6
-    context_mask: int = 2
-    object_mask: int = 2
-    feature_drop: int = 6
-    feature_noise: int = 6
-    uniform_range: float = 0.3
-    drop_rate: float = 0.5
-    feature_drop_gamma: tuple[float, float] = (0.7, 0.9)
-    cutout_erase: float = 0.4
-    cutout_min_points: int = 50
-    vat_xi: float = 1e-6
-    vat_eps: float = 2.0
-    background_fallback: str = "most_frequent"
+class CCTHyper(RampUpHyper):
+    cons_weight: float = hyper(30.0, "final w_u, the weight of the consistency loss L_u", low=0.0)
+    sup_loss: str = hyper("ce", "supervised loss: ce (the official config) or abce (the paper's text)",
+                          choices=SUP_LOSSES)
+    abce_rampup: float = hyper(0.4, "ab-CE: fraction of the run over which eta anneals from 1/C to 0.9",
+                               low=0.0, high=1.0)
+    abce_min_kept: int = hyper(1, "ab-CE: labelled pixels kept per labelled image at least", low=0)
+    vat: int = hyper(2, "auxiliary decoders behind I-VAT (official 2; 1 on a CPU)", low=0)
+    drop: int = hyper(6, "auxiliary decoders behind DropOut (official 6; 1 on a CPU)", low=0)
+    cutout: int = hyper(6, "auxiliary decoders behind guided cutout (official 6; 1 on a CPU)", low=0)
+    context_mask: int = hyper(2, "auxiliary decoders behind context masking (official 2; 1 on a CPU)", low=0)
+    object_mask: int = hyper(2, "auxiliary decoders behind object masking (official 2; 1 on a CPU)", low=0)
+    feature_drop: int = hyper(6, "auxiliary decoders behind F-Drop (official 6; 1 on a CPU)", low=0)
+    feature_noise: int = hyper(6, "auxiliary decoders behind F-Noise (official 6; 1 on a CPU)", low=0)
+    uniform_range: float = hyper(0.3, "F-Noise: z + z * N with N ~ U(-range, range)", low=0.0)
+    drop_rate: float = hyper(0.5, "DropOut: channel drop probability p", low=0.0, high=1.0)
+    feature_drop_gamma: tuple[float, float] = hyper(
+        (0.7, 0.9), "F-Drop: range (low, high) of gamma ~ U; features are zeroed where the channel mean reaches "
+        "gamma times its per-sample peak", low=0.0, high=1.0)
+    cutout_erase: float = hyper(0.4, "guided cutout: extents of the erased sub-box, as a fraction of the object "
+                                "box's", low=0.0, high=1.0)
+    cutout_min_points: int = hyper(50, "guided cutout: contour points an object needs to be cut", low=0)
+    vat_xi: float = hyper(1e-6, "I-VAT: size of the power-iteration probe xi", low=0.0, open_low=True)
+    vat_eps: float = hyper(2.0, "I-VAT: L2 norm eps of r_adv over the whole feature tensor", low=0.0)
+    background_fallback: str = hyper(
+        "most_frequent", "with no dataset background class: each image's most frequent predicted class "
+        "(most_frequent) or refuse guided perturbations (error)", choices=BACKGROUND_FALLBACKS)
 
-    def __post_init__(self) -> None:
-        for key, value, valid in (
-            ("sup_loss", self.sup_loss, SUP_LOSSES),
-            ("rampup_kind", self.rampup_kind, RAMPUPS),
-            ("background_fallback", self.background_fallback, BACKGROUND_FALLBACKS),
-        ):
-            if value not in valid:
-                raise ConfigError(f"method.{key}: expected one of {', '.join(valid)}, got {value!r}")
-        counts = self.decoder_counts()
-        negative = [kind for kind, n in counts.items() if n < 0]
-        if negative:
-            raise ConfigError(
-                f"method.{negative[0]}: a decoder count must be >= 0, got {counts[negative[0]]}"
-            )
-        if sum(counts.values()) == 0:
+    def check(self) -> None:
+        super().check()
+        if sum(self.decoder_counts().values()) == 0:
             raise ConfigError(f"method.{'/'.join(PERTURBATIONS)}: at least one auxiliary decoder is needed")
         gamma = self.feature_drop_gamma
         if len(gamma) != 2 or not 0.0 <= gamma[0] <= gamma[1]:
@@ -146,15 +139,10 @@ class CrossConsistency(Method):
     are training-only, in the "main" optimizer group at the head LR multiplier. As in the reference, the
     unlabelled images are the weak view and labelled and unlabelled batches go through the encoder separately.
 
-    Hyperparameters: cons_weight: final w_u (30); rampup_length / rampup_kind: w_u ramp-up (fraction of T, kind;
-    0.1, sigmoid); sup_loss: 'ce' (official config, default) or 'abce' (the paper's text); abce_rampup: fraction
-    of T over which eta anneals (0.4); abce_min_kept: pixels kept per labelled image at least; vat / drop / cutout
-    / context_mask / object_mask / feature_drop / feature_noise: decoders per perturbation (official
-    2/6/6/2/2/6/6; set 1 each on a CPU);
-    uniform_range: F-Noise range; drop_rate: DropOut p; feature_drop_gamma: F-Drop gamma range; cutout_erase:
-    guided-cutout sub-box fraction; cutout_min_points: contour points an object needs to be cut; vat_xi, vat_eps:
-    I-VAT; background_fallback: with no dataset background class, 'most_frequent' (each image's most frequent
-    predicted class is its background) or 'error' (refuse guided perturbations).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``CCTHyper`` and the
+    shared pieces). Defaults: the official config (w_u 30 after a 0.1 T sigmoid ramp-up, plain CE, ab-CE eta
+    annealed over 0.4 T, decoders per perturbation vat / drop / cutout / context_mask / object_mask / feature_drop
+    / feature_noise 2/6/6/2/2/6/6; set 1 each on a CPU).
 
     Deviations from the paper / reference code:
     - Main decoder g is the segmentation model's own decoder (bilinear upsampling), not the paper's pixel-shuffle

@@ -12,7 +12,6 @@ from raysemi.data.batch import Batch
 from raysemi.errors import ConfigError
 from raysemi.methods.base import (
     DataInfo,
-    Hyperparameters,
     Method,
     ModelFactory,
     ParamGroup,
@@ -22,7 +21,8 @@ from raysemi.methods.base import (
     register_method,
 )
 from raysemi.methods.components import (
-    RAMPUPS,
+    OhemHyper,
+    RampUpHyper,
     cross_entropy,
     cutmix_box_masks,
     mix_with_next,
@@ -30,33 +30,27 @@ from raysemi.methods.components import (
     pseudo_label_accuracy,
     rampup,
 )
+from raysemi.values import hyper, redefault
 
 
 @dataclass
-class CPSHyper(Hyperparameters):
-    cps_weight: float = 1.5
-    rampup_length: float = 0.2
-    rampup_kind: str = "cosine"
-    head_lr_mult: float = 1.0
-    cps_on_labeled: bool = True
-    use_cutmix: bool = False
-    cutmix_area_min: float = 0.25
-    cutmix_area_max: float = 0.5
-    cutmix_n_boxes: int = 3
-    ohem: bool = False
-    ohem_thresh: float = 0.7
-    ohem_min_kept_fraction: float = 0.039
+class CPSHyper(RampUpHyper, OhemHyper):
+    cps_weight: float = hyper(1.5, "lambda, the weight of the CPS loss (1.5 VOC, 6 Cityscapes, 1 VOC + CutMix)",
+                              low=0.0)
+    rampup_length: float = redefault(RampUpHyper, "rampup_length", 0.2)
+    rampup_kind: str = redefault(RampUpHyper, "rampup_kind", "cosine")
+    head_lr_mult: float = hyper(1.0, "LR multiplier of the heads, in place of optim.head_lr_mult (1 = the release)",
+                                low=0.0, open_low=True)
+    cps_on_labeled: bool = hyper(True, "also apply CPS to the labelled images (plain variant only)")
+    use_cutmix: bool = hyper(False, "the CPS + CutMix variant")
+    cutmix_area_min: float = hyper(0.25, "smallest CutMix box, as a fraction of the image area", low=0.0, high=1.0)
+    cutmix_area_max: float = hyper(0.5, "largest CutMix box, as a fraction of the image area", low=0.0, high=1.0)
+    cutmix_n_boxes: int = hyper(3, "boxes per CutMix mask", low=1)
+    ohem_min_kept_fraction: float = redefault(OhemHyper, "ohem_min_kept_fraction", 0.039)
 
-    def __post_init__(self) -> None:
-        if self.rampup_kind not in RAMPUPS:
-            raise ConfigError(
-                f"method.rampup_kind: expected one of {', '.join(RAMPUPS)}, got {self.rampup_kind!r}"
-            )
-        if self.rampup_length < 0.0:
-            raise ConfigError(f"method.rampup_length: expected a fraction >= 0, got {self.rampup_length}")
-        if self.head_lr_mult <= 0.0:
-            raise ConfigError(f"method.head_lr_mult: expected > 0, got {self.head_lr_mult}")
-        if not 0.0 <= self.cutmix_area_min <= self.cutmix_area_max <= 1.0:
+    def check(self) -> None:
+        super().check()
+        if self.cutmix_area_min > self.cutmix_area_max:
             raise ConfigError(
                 f"method.cutmix_area_min/cutmix_area_max: expected 0 <= min <= max <= 1, "
                 f"got {self.cutmix_area_min}, {self.cutmix_area_max}"
@@ -109,13 +103,9 @@ class CrossPseudoSupervision(Method):
     CE(f_2(x_mix), Y_1^mix)``. Net 1 is evaluated; net 2 and the average of both networks' probabilities are
     logged, and so are the nets' disagreement, net 1's pseudo-label accuracy and ``w(t)``.
 
-    Hyperparameters: cps_weight: lambda (1.5 VOC, 6 Cityscapes, 1 VOC + CutMix); rampup_length / rampup_kind:
-    ramp-up of lambda over that fraction of the run (0 = the paper's constant lambda); head_lr_mult: LR multiplier
-    of the heads (1 = the release); cps_on_labeled: also apply CPS to the labelled images (plain variant only);
-    use_cutmix: the CPS + CutMix variant; cutmix_area_min, cutmix_area_max: range of the box area fraction;
-    cutmix_n_boxes: boxes per mask; ohem: OHEM supervised CE (Cityscapes); ohem_thresh: OHEM probability
-    threshold; ohem_min_kept_fraction: minimum kept share of the batch's pixels (TorchSemiSeg's 50,000 of 2 x 800 x
-    800 per GPU; an absolute count would exceed a CPU batch and turn OHEM into plain CE).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``CPSHyper`` and the
+    shared pieces). ``ohem_min_kept_fraction`` 0.039 is TorchSemiSeg's 50,000 of 2 x 800 x 800 pixels per GPU (an
+    absolute count would exceed a CPU batch and turn OHEM into plain CE).
 
     Deviations: lambda ramps up (cosine, 0 at the first step, over 0.2 of the run by default) where the paper uses
     it constant from the start with ImageNet-pretrained backbones: from scratch (and heads at 10x LR) the two

@@ -42,6 +42,7 @@ from raysemi.models.flaw_detector import (
     normalise_per_sample,
     odd_kernel_size,
 )
+from raysemi.values import hyper
 
 #: A handled flaw map whose blurred peak is at most this is treated as "no flaw anywhere" (reference constant).
 FLAW_PEAK_FLOOR = 0.1
@@ -50,36 +51,35 @@ FLAW_PEAK_FLOOR = 0.1
 
 @dataclass
 class GCLHyper(Hyperparameters):
-    xi: float = 0.6
-    lambda_dc: float = 100.0
-    lambda_fc: float = 1.0
-    dc_rampup: float = 0.15
-    fd_scale: float = 10.0
-    fd_lr: float = 1e-4
-    mu: float = 0.5
-    nu: int = 1
-    flaw_blur_divisor: float = 16.0
-    target_blur_divisor: float = 8.0
-    target_reblur_divisor: float = 4.0
-    dilation_size: int = 3
-    detector_width: float = 1.0
-    detector_stride: int = 0
-    detector_min_input: int = 0
+    xi: float = hyper(0.6, "DC threshold on the handled flaw maps (normalised to [0, 1]); S marks the pixels both "
+                      "maps put above it", low=0.0, high=1.0)
+    lambda_dc: float = hyper(100.0, "weight of the dynamic-consistency loss L_dc", low=0.0)
+    lambda_fc: float = hyper(1.0, "weight of the flaw-correction loss L_fc", low=0.0)
+    dc_rampup: float = hyper(0.15, "L_dc's sigmoid ramp-up, as a fraction of the run (0.15 = DeepLabv2's 3 of 20 "
+                             "epochs; 0 = off)", low=0.0, high=1.0)
+    fd_scale: float = hyper(10.0, "lambda_F, weight of the flaw detector's MSE loss", low=0.0)
+    fd_lr: float = hyper(1e-4, "Adam learning rate of the flaw detector (poly decay from the loop)", low=0.0,
+                         open_low=True)
+    mu: float = hyper(0.5, "pipeline C's scale of the per-pixel difference sum_c |Y_c - P_c|", low=0.0)
+    nu: int = hyper(1, "pipeline C's number of dilate + blur rounds", low=0)
+    flaw_blur_divisor: float = hyper(16.0, "flaw-map handler's blur kernel: int(crop / divisor), made odd (crop = "
+                                     "the training crop's shorter side)", low=0.0, open_low=True)
+    target_blur_divisor: float = hyper(8.0, "pipeline C's blur kernel: int(crop / divisor), made odd", low=0.0,
+                                       open_low=True)
+    target_reblur_divisor: float = hyper(4.0, "pipeline C's re-blur kernel after each dilation: int(crop / "
+                                         "divisor), made odd", low=0.0, open_low=True)
+    dilation_size: int = hyper(3, "side of pipeline C's max-filter dilation (an odd integer)", low=1)
+    detector_width: float = hyper(1.0, "channel multiplier of the flaw detector (1 = the paper; smaller for CPU "
+                                  "runs)", low=0.0, open_low=True)
+    detector_stride: int = hyper(0, "output stride of the flaw detector: 32 = the paper's; 0 = chosen from the "
+                                 "crop (auto_stride)", choices=(0, *DETECTOR_STRIDES))
+    detector_min_input: int = hyper(0, "0 = off, or a shorter side to which the flaw detector's input is "
+                                    "upsampled first", low=0)
 
-    def __post_init__(self) -> None:
-        positive = ("fd_lr", "flaw_blur_divisor", "target_blur_divisor", "target_reblur_divisor", "detector_width")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"method.{name}: expected a value > 0, got {getattr(self, name)}")
-        if self.nu < 0:
-            raise ConfigError(f"method.nu: expected an integer >= 0, got {self.nu}")
-        if self.dilation_size < 1 or self.dilation_size % 2 == 0:
+    def check(self) -> None:
+        super().check()
+        if self.dilation_size % 2 == 0:
             raise ConfigError(f"method.dilation_size: expected an odd integer >= 1, got {self.dilation_size}")
-        if self.detector_stride not in (0, *DETECTOR_STRIDES):
-            valid = ", ".join(map(str, DETECTOR_STRIDES))
-            raise ConfigError(f"method.detector_stride: expected 0 (auto) or one of {valid}, got {self.detector_stride}")
-        if self.detector_min_input < 0:
-            raise ConfigError(f"method.detector_min_input: expected 0 (off) or a size > 0, got {self.detector_min_input}")
 
 
 def handle_flaw_map(flaw_map: torch.Tensor, blur_size: int) -> torch.Tensor:
@@ -146,23 +146,11 @@ class GuidedCollaborativeTraining(Method):
     ``P_k`` carry no graph), and T1's step never changes ``L_2``. Only BatchNorm running statistics see the
     forwards in a different order.
 
-    Hyperparameters:
-    xi: DC threshold on the handled flaw maps (0.6).
-    lambda_dc: weight of the dynamic-consistency loss L_dc (100).
-    lambda_fc: weight of the flaw-correction loss L_fc (1).
-    dc_rampup: length of L_dc's sigmoid ramp-up, fraction of training (0.15 = DeepLabv2's 3 of 20 epochs).
-    fd_scale: lambda_F, weight of the detector's MSE loss (10).
-    fd_lr: Adam learning rate of the detector (1e-4; poly decay from the loop).
-    mu, nu: pipeline C's difference scale (0.5) and number of dilate+blur rounds (1).
-    flaw_blur_divisor, target_blur_divisor, target_reblur_divisor: blur kernels are int(crop / divisor), made odd
-        (16: flaw-map handler; 8 and 4: pipeline C); crop = the shorter side of the training crop.
-    dilation_size: side of pipeline C's max-filter dilation (3).
-    detector_width: channel multiplier of F (1.0 = paper; smaller for CPU runs).
-    detector_stride: output stride of F: 32 = the paper's architecture; 0 (default) = chosen from the crop
-        (``auto_stride``: the coarsest stride whose flaw grid keeps at least the 9 cells per side of the paper's
-        321 crop; 32 from a 320 crop on, 4 at 90x120, i.e. a 16x24 grid instead of the paper's 1x2).
-    detector_min_input: 0 (default, off) or a shorter side to which F's input is upsampled first (the earlier
-        remedy for small crops; stride 32 with 128 gives a 3x4 grid at 90x120).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``GCLHyper``). The
+    default ``detector_stride`` 0 is ``auto_stride``: the coarsest stride whose flaw grid keeps at least the 9
+    cells per side of the paper's 321 crop (32 from a 320 crop on, 4 at 90x120, i.e. a 16x24 grid instead of the
+    paper's 1x2); ``detector_min_input`` was the earlier remedy for small crops (stride 32 with 128 gives a 3x4
+    grid at 90x120).
 
     Deviations: (1) the handler zeroes a map whose blurred peak is <= 0.1 before taking the min-max statistics,
     so such a map is all zeros, as the paper intends (the reference takes min/max before zeroing, which turns a

@@ -23,6 +23,7 @@ from raysemi.methods.base import (
 )
 from raysemi.methods.components import cross_entropy, pseudo_label_accuracy, soft_cross_entropy
 from raysemi.models.self_correction import ConvSelfCorrection, linear_self_correction
+from raysemi.values import hyper
 
 CORRECTIONS = ("linear", "conv")
 # Rate of the exponential alpha decay: the same steepness as the project's exponential ramp-ups.
@@ -34,33 +35,26 @@ GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
 @dataclass
 class SelfCorrectionHyper(Hyperparameters):
-    correction: str = "conv"
-    ancillary_stage: float = 0.3
-    f_only_stage: float = 0.1
-    ancillary_f_fraction: float = 0.5
-    alpha_0: float = 30.0
-    alpha_final: float = 0.0
-    w_weight: float = 1.0
-    correction_lr_mult: float = 10.0
+    correction: str = hyper("conv", "self-correction module: linear or conv", choices=CORRECTIONS)
+    ancillary_stage: float = hyper(0.3, "ancillary pre-training, as a fraction of the run", low=0.0, high=1.0,
+                                   open_low=True, open_high=True)
+    f_only_stage: float = hyper(0.1, "conv: primary + correction net on F only after the ancillary stage, as a "
+                                "fraction of the run (ancillary_stage + f_only_stage < 1)", low=0.0, high=1.0,
+                                open_high=True)
+    ancillary_f_fraction: float = hyper(0.5, "conv: fraction of F the ancillary model trains on", low=0.0, high=1.0,
+                                        open_low=True)
+    alpha_0: float = hyper(30.0, "linear: alpha at the start of the W stage", low=0.0)
+    alpha_final: float = hyper(0.0, "linear: alpha at the end of the run (<= alpha_0)", low=0.0)
+    w_weight: float = hyper(1.0, "weight of the loss on the box-labelled set W", low=0.0)
+    correction_lr_mult: float = hyper(10.0, "LR multiplier of the correction net", low=0.0, open_low=True)
 
-    def __post_init__(self) -> None:
-        if self.correction not in CORRECTIONS:
-            raise ConfigError(
-                f"method.correction: expected one of {', '.join(CORRECTIONS)}, got {self.correction!r}"
-            )
-        if not 0.0 < self.ancillary_stage < 1.0:
-            raise ConfigError(
-                f"method.ancillary_stage: expected a fraction in (0, 1), got {self.ancillary_stage}"
-            )
-        if self.f_only_stage < 0.0 or self.ancillary_stage + self.f_only_stage >= 1.0:
+    def check(self) -> None:
+        super().check()
+        if self.ancillary_stage + self.f_only_stage >= 1.0:
             raise ConfigError(
                 f"method.f_only_stage: expected >= 0 with ancillary_stage + f_only_stage < 1, got {self.f_only_stage}"
             )
-        if not 0.0 < self.ancillary_f_fraction <= 1.0:
-            raise ConfigError(
-                f"method.ancillary_f_fraction: expected a fraction in (0, 1], got {self.ancillary_f_fraction}"
-            )
-        if not self.alpha_0 >= self.alpha_final >= 0.0:
+        if self.alpha_final > self.alpha_0:
             raise ConfigError(
                 f"method.alpha_final: expected 0 <= alpha_final <= alpha_0, got {self.alpha_final} (alpha_0 {self.alpha_0})"
             )
@@ -105,10 +99,7 @@ class SelfCorrection(Method):
     The primary model is evaluated (image only); the ancillary is not offered as an extra evaluation network
     because the evaluation loop feeds images without box channels.
 
-    Hyperparameters: correction (linear | conv); ancillary_stage (fraction of T for ancillary pre-training);
-    f_only_stage (conv: fraction of T with primary + correction net on F only); ancillary_f_fraction (conv: part of
-    F the ancillary trains on); alpha_0 / alpha_final (linear: alpha at the start of the W stage / at the end);
-    w_weight (weight of the W loss); correction_lr_mult (LR multiplier of the correction net).
+    Hyperparameters: ``raysemi methods`` prints each field's help and rule (declared in ``SelfCorrectionHyper``).
 
     Deviations: boxes are fed to the ancillary model by input concatenation ``concat(image, box channels)`` (3 + C
     + 1 channels) instead of the paper's box-encoder CNN producing attention maps that multiply decoder features.
