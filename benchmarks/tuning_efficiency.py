@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from raysemi.config import from_dict
-from raysemi.engine.tune import run_study
+from raysemi.tuning.study import run_study
 
 LR = [1.0e-3, 3.0e-3, 1.0e-2]
 WEIGHT = [0.3, 3.0, 30.0]

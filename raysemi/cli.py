@@ -290,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raysemi.engine.tune import (
+    from raysemi.tuning.study import (
         DEFAULT_ITERS,
         format_leaderboard,
         quick_settings,

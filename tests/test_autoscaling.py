@@ -26,7 +26,7 @@ from ray.autoscaler._private.util import validate_config
 
 from raysemi.cli import main
 from raysemi.config import from_dict
-from raysemi.engine import cluster_shape, tune
+from raysemi.engine import cluster_shape
 from raysemi.engine.cluster_shape import (
     ClusterShape,
     NodeType,
@@ -40,6 +40,7 @@ from raysemi.engine.cluster_shape import (
 )
 from raysemi.engine.doctor import check_node_types
 from raysemi.errors import ConfigError
+from raysemi.tuning.study import _concurrency
 from tests.fault_hooks import CHECKOUT_PATH, spec
 from tests.sockets import non_loopback_listeners
 
@@ -116,14 +117,14 @@ def test_tune_sizes_concurrency_on_the_node_types_and_refuses_what_never_fits(mo
     monkeypatch.setattr(cluster_shape, "read_cluster_shape", stub_shape)
     cluster = {"address": "127.0.0.1:1"}
     spot = from_dict({"distributed": {**cluster, "worker_resources": {"spot": 1}}, "tune": {"concurrency": 4}})
-    assert tune._concurrency(spot) == (1.0, 2), "two 1-CPU spot workers at the most, none now"
+    assert _concurrency(spot) == (1.0, 2), "two 1-CPU spot workers at the most, none now"
     a100 = from_dict({"distributed": {**cluster, "worker_resources": {"gpu_a100": 1}}, "tune": {"concurrency": 4}})
     with pytest.raises(ConfigError, match=r"^a trial can never be scheduled: no node type offers gpu_a100;"):
-        tune._concurrency(a100)
+        _concurrency(a100)
     distributed = from_dict({"distributed": {**cluster, "worker_resources": {"spot": 1}},
                              "tune": {"concurrency": 4, "workers_per_trial": 2}})
     with pytest.raises(ConfigError, match="its 3 requests"):  # the driver's CPU and two workers: 3 > 2 nodes
-        tune._concurrency(distributed)
+        _concurrency(distributed)
 
 
 def test_a_trial_too_big_for_the_cluster_names_its_summed_custom_resources(monkeypatch) -> None:
@@ -136,7 +137,7 @@ def test_a_trial_too_big_for_the_cluster_names_its_summed_custom_resources(monke
     spot = from_dict({"distributed": {"worker_resources": {"spot": 1}}, "tune": {"concurrency": 4, "workers_per_trial": 2}})
     with pytest.raises(ConfigError, match=r"^a trial needs 3 CPU and 0 GPU and 2 spot; the Ray cluster has 8 CPU "
                                           r"and 0 GPU and 1 spot$"):
-        tune._concurrency(spot)
+        _concurrency(spot)
 
 
 def test_train_refuses_a_worker_group_no_node_type_holds(monkeypatch) -> None:

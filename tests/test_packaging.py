@@ -17,9 +17,9 @@ import pytest
 
 import raysemi.bundled
 from raysemi.bundled import RECIPES, SEARCH_SPACES, bundled_dir
-from raysemi.engine.search_space import default_space_path, load_space
 from raysemi.methods import METHODS
 from raysemi.recipes import load_recipe
+from raysemi.tuning.search_space import default_space_path, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = (SEARCH_SPACES, RECIPES)

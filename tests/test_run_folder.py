@@ -91,7 +91,7 @@ def test_out_of_range_values_and_an_empty_val_split_are_one_line(
 
 
 def test_a_search_space_outside_a_decay_range_is_refused(tmp_path: Path) -> None:
-    from raysemi.engine.search_space import load_space
+    from raysemi.tuning.search_space import load_space
 
     path = tmp_path / "mt.yaml"
     path.write_text("params:\n  ema_decay: {type: uniform, low: 0.5, high: 1.5}\n")

@@ -21,9 +21,10 @@ import yaml
 
 from raysemi.cli import main
 from raysemi.config import TuneConfig, from_dict
-from raysemi.engine.search_space import default_space_path, load_space
-from raysemi.engine.study_report import TrialRow
-from raysemi.engine.tune import (
+from raysemi.errors import ConfigError
+from raysemi.methods import METHODS
+from raysemi.tuning.search_space import default_space_path, load_space
+from raysemi.tuning.study import (
     Budget,
     MethodChoice,
     _check_same_spaces,
@@ -34,8 +35,7 @@ from raysemi.engine.tune import (
     startup_trials,
     trial_choice,
 )
-from raysemi.errors import ConfigError
-from raysemi.methods import METHODS
+from raysemi.tuning.study_report import TrialRow
 from tests.sockets import watch_non_loopback_listeners
 
 # lr 1e-5 learns nothing in 10 steps, 0.03 does; the random sampler with seed 0 draws bad, good, bad, so ASHA
@@ -249,7 +249,7 @@ def test_a_trial_that_never_reported_is_not_started_not_early_stopped(tmp_path: 
 
 
 def test_the_method_leaderboard_keeps_each_methods_best_trial(tmp_path: Path) -> None:
-    from raysemi.engine.study_report import write_method_leaderboard
+    from raysemi.tuning.study_report import write_method_leaderboard
 
     rows = [TrialRow("t2", {"optim.lr": 0.03}, 0.6, 20, "completed", "c2", method="supervised"),
             TrialRow("t1", {"optim.lr": 0.03, "cons_weight": 1.0}, 0.5, 20, "completed", "c1", method="mt"),

@@ -1,1 +1,1 @@
-"""Training loop, distribution (Ray Train), tuning (Ray Tune) and tracking (MLflow)."""
+"""Training loop, distribution (Ray Train) and tracking (MLflow)."""

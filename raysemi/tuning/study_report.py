@@ -1,6 +1,6 @@
 """The end of a study: child-run statuses, leaderboard (CSV + Markdown; per method too for a multi-method
 study), Optuna's optimisation-history and parameter-importance plots, the parent run's best metric, and the best
-checkpoint registered as a model. The study's trial rows are defined here; ``tune`` imports them (not the reverse)."""
+checkpoint registered as a model. The study's trial rows are defined here; ``study`` imports them (not the reverse)."""
 
 from __future__ import annotations
 

@@ -42,11 +42,11 @@ from raysemi.config import Config, TuneConfig, from_dict, merge, to_dict
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.loop import Trainer
 from raysemi.engine.ray_runtime import tune_runtime
-from raysemi.engine.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
-from raysemi.engine.study_report import OPTUNA_FILE, TrialRow
 from raysemi.engine.tracking import MlflowCallback, mlflow_client, open_experiment, resolve_tracking_uri
 from raysemi.errors import ConfigError
 from raysemi.methods import checked_config
+from raysemi.tuning.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
+from raysemi.tuning.study_report import OPTUNA_FILE, TrialRow
 
 DEFAULT_ITERS = 180
 DEFAULT_EVALS = 6
@@ -345,7 +345,7 @@ def _run(cfg: Config, resume: bool, base: Config, spaces: dict[str, SearchSpace]
                "leaderboard": [asdict(r) for r in rows], "interrupted": not finished}
     if not finished:
         return summary
-    from raysemi.engine import study_report
+    from raysemi.tuning import study_report
 
     model_name = opts.model_name or (cfg.data.dataset if multi else name)
     summary.update(study_report.finish(base, space.metric, rows, study_dir, study, model_name, per_method=multi))
