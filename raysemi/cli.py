@@ -262,14 +262,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: Any, resume: bool, callback_specs: list[str]) -> dict[str, Any]:
+    tracker = None
+    if cfg.tracking.enabled:  # an untracked run does not import MLflow
+        from raysemi.tracking.runs import MlflowCallback
+
+        tracker = MlflowCallback
     if cfg.distributed.workers > 0:
         from raysemi.engine.distributed import fit_distributed
 
-        return fit_distributed(cfg, resume=resume, callbacks=callback_specs)
+        return fit_distributed(cfg, resume=resume, callbacks=callback_specs, tracker=tracker)
     from raysemi.engine.assembly import run_callbacks
     from raysemi.engine.loop import fit
 
-    return fit(cfg, resume=resume, callbacks=run_callbacks(cfg, progress=True, callback_specs=callback_specs))
+    return fit(cfg, resume=resume, callbacks=run_callbacks(cfg, progress=True, callback_specs=callback_specs, tracker=tracker))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -277,7 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint
     if checkpoint.startswith("models:/"):
-        from raysemi.engine.registry_models import download_checkpoint, model_card
+        from raysemi.tracking.model_registry import download_checkpoint, model_card
 
         checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
         card = model_card(args.checkpoint, args.tracking_uri)
@@ -359,7 +364,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = find_images(args.images)
     checkpoint = args.checkpoint
     if checkpoint.startswith("models:/"):
-        from raysemi.engine.registry_models import download_checkpoint
+        from raysemi.tracking.model_registry import download_checkpoint
 
         checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
     predictor = load_predictor(checkpoint, args.device, args.eval_mode)

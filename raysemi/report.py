@@ -546,9 +546,9 @@ def _find_run(client: Any, run_id: str) -> Any | None:
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlruns.db`` (where ``raysemi train`` writes by
-    default); a sqlite store must exist and be one (``tracking.existing_store``)."""
-    from raysemi.engine.tracking import existing_store
-    from raysemi.engine.tracking import resolve_tracking_uri as resolve
+    default); a sqlite store must exist and be one (``runs.existing_store``)."""
+    from raysemi.tracking.runs import existing_store
+    from raysemi.tracking.runs import resolve_tracking_uri as resolve
 
     return existing_store(resolve(uri))
 
@@ -559,7 +559,7 @@ def build_report(tracking_uris: str | list[str], out: str | Path, experiments: l
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``out``; returns their paths (``plots_dir``:
     the PNGs' folder) and the sections (for callers and tests). Several stores (e.g. one benchmark folder per
     label fraction) are read as one. No experiment or run named: every experiment in every store."""
-    from raysemi.engine.tracking import mlflow_client
+    from raysemi.tracking.runs import mlflow_client
 
     uris = [tracking_uris] if isinstance(tracking_uris, str) else list(tracking_uris)
     clients = {uri: mlflow_client(uri) for uri in uris}

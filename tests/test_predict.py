@@ -153,7 +153,7 @@ def _study(walkthrough: dict) -> dict:
 
 
 def _champion_state(walkthrough: dict) -> dict:
-    from raysemi.engine.registry_models import download_checkpoint
+    from raysemi.tracking.model_registry import download_checkpoint
 
     return load_state(download_checkpoint("models:/mydata@champion", f"sqlite:///{walkthrough['work'] / 'runs' / 'mlruns.db'}"))
 

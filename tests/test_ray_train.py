@@ -34,6 +34,7 @@ from raysemi.engine.loop import Trainer, fit
 from raysemi.engine.loopback import start_local_ray
 from raysemi.methods import METHODS, build_method
 from raysemi.models import build_model
+from raysemi.tracking.runs import MlflowCallback
 from tests.fault_hooks import CHECKOUT_PATH, RecordingLoader, spec
 from tests.sockets import watch_non_loopback_listeners
 
@@ -111,7 +112,8 @@ def mt_run(ray_cluster, tmp_path_factory) -> dict[str, Any]:
     uri = f"sqlite:///{root / 'mlruns.db'}"
     cfg = make_config(root / "run", "mt", tracking={"enabled": True, "uri": uri, "experiment": "ray"})
     with watch_non_loopback_listeners() as exposed:
-        summary = fit_distributed(cfg, progress=False, callbacks=[spec("RecordIds", folder=str(root / "ids"))])
+        summary = fit_distributed(cfg, progress=False, callbacks=[spec("RecordIds", folder=str(root / "ids"))],
+                                  tracker=MlflowCallback)
     return {"summary": summary, "ids": root / "ids", "uri": uri, "cfg": cfg, "exposed": exposed}
 
 

@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raysemi.engine.loop import fit
-from raysemi.engine.tracking import MlflowCallback
+from raysemi.tracking.runs import MlflowCallback
 from tests.test_loop import StopAt, small_config
 
 
@@ -54,7 +54,7 @@ def test_processes_opening_a_fresh_store_at_once_do_not_race(tmp_path: Path) -> 
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    code = "import sys; from raysemi.engine.tracking import ensure_experiment; ensure_experiment(sys.argv[1], 'race')"
+    code = "import sys; from raysemi.tracking.runs import ensure_experiment; ensure_experiment(sys.argv[1], 'race')"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True) for _ in range(3)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
@@ -66,9 +66,9 @@ def test_every_command_defaults_to_the_same_store(tmp_path: Path, monkeypatch: p
     default MLflow store by one rule, so a default study's runs are what a default report and registry read; an
     explicit URI and ``$MLFLOW_TRACKING_URI`` win in that order."""
     from raysemi.config import from_dict
-    from raysemi.engine.registry_models import default_registry_uri
-    from raysemi.engine.tracking import resolve_tracking_uri, tracking_uri
     from raysemi.report import resolve_tracking_uri as report_uri
+    from raysemi.tracking.model_registry import default_registry_uri
+    from raysemi.tracking.runs import resolve_tracking_uri, tracking_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from raysemi.cli import main
 from raysemi.engine.checkpoint import load_state
-from raysemi.engine.tracking import HTTP_DEFAULTS, MlflowCallback
+from raysemi.tracking.runs import HTTP_DEFAULTS, MlflowCallback
 from tests.test_bad_input import TRACKED
 
 #: A bound on a command that must not hang; what the bounds cost is measured by the benchmarks, not here.

@@ -313,7 +313,7 @@ def test_study_logs_parent_and_children_and_stops_a_bad_trial(study: dict) -> No
 def test_champion_loads_through_eval_and_moves_only_when_beaten(study: dict, capsys: pytest.CaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
-    from raysemi.engine.registry_models import download_checkpoint, register_checkpoint
+    from raysemi.tracking.model_registry import download_checkpoint, register_checkpoint
 
     summary, uri = study["summary"], study["uri"]
     name = summary["model_name"]

@@ -1,1 +1,1 @@
-"""Training loop, distribution (Ray Train) and tracking (MLflow)."""
+"""Training loop, distribution (Ray Train), checkpoints, evaluation, prediction and cluster checks."""

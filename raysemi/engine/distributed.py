@@ -48,7 +48,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from raysemi.config import Config, from_dict, to_dict
-from raysemi.engine.assembly import run_callbacks
+from raysemi.engine.assembly import Tracker, run_callbacks
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.cluster_shape import refuse_unschedulable_workers
 from raysemi.engine.loop import Trainer, load_callbacks, scaled_lr
@@ -173,6 +173,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if runtime.is_main:
         params = {**loop_config.get("scaling", {}), "node_ids": ",".join(node_ids)}
         callbacks = run_callbacks(cfg, progress=bool(loop_config.get("progress")), callback_specs=specs,
+                                  tracker=loop_config.get("tracker"),
                                   parent_run_id=loop_config.get("mlflow_parent_run_id"), extra_params=params)
     else:
         callbacks = load_callbacks(specs)  # the Trainer keeps those that run on every rank
@@ -338,11 +339,13 @@ def fit_distributed(
     placement_strategy: str = "PACK",
     progress: bool = True,
     callbacks: Sequence[str] = (),
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train with ``cfg.distributed.workers`` Ray Train workers and return rank 0's run summary, with the worker
     count and the node each worker ran on. ``run_name`` (default: the folder name of ``cfg.out``) names the run in
     the storage; ``ray_callbacks`` go to ``RunConfig`` (e.g. Tune's ``TuneReportCallback``); ``callbacks`` are
-``--callback`` specs, checked here and built in every worker."""
+``--callback`` specs, checked here and built in every worker; ``tracker`` (``assembly.run_callbacks``) is built on
+rank 0 when tracking is on."""
     if cfg.distributed.workers < 1:
         raise ConfigError(f"distributed.workers: must be >= 1 for a Ray Train run, got {cfg.distributed.workers}")
     cfg = _absolute_paths(cfg)
@@ -364,6 +367,7 @@ def fit_distributed(
             "mlflow_parent_run_id": mlflow_parent_run_id,
             "progress": progress,
             "callbacks": list(callbacks),
+            "tracker": tracker,
         }
         trainer = torch_trainer(cfg, train_worker, loop_config, storage, name, ray_callbacks, placement_strategy)
         try:

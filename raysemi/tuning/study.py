@@ -42,9 +42,9 @@ from raysemi.config import Config, TuneConfig, from_dict, merge, to_dict
 from raysemi.engine.checkpoint import KEEP_CHECKPOINTS
 from raysemi.engine.loop import Trainer
 from raysemi.engine.ray_runtime import tune_runtime
-from raysemi.engine.tracking import MlflowCallback, mlflow_client, open_experiment, resolve_tracking_uri
 from raysemi.errors import ConfigError
 from raysemi.methods import checked_config
+from raysemi.tracking.runs import MlflowCallback, mlflow_client, open_experiment, resolve_tracking_uri
 from raysemi.tuning.search_space import Param, SearchSpace, default_space_path, load_space, warmup_fraction
 from raysemi.tuning.study_report import OPTUNA_FILE, TrialRow
 
@@ -251,7 +251,7 @@ def _run_distributed_trial(cfg: Config, context: dict[str, Any]) -> None:
     cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, storage=storage))
     name = Path(cfg.out).name
     fit_distributed(cfg, resume=run_exists(storage, name), run_name=name, ray_callbacks=[TuneReportCallback()],
-                    mlflow_parent_run_id=context["parent_run_id"], progress=False)
+                    mlflow_parent_run_id=context["parent_run_id"], progress=False, tracker=MlflowCallback)
 
 
 # ----------------------------------------------------------------------------------------------- the study

@@ -32,7 +32,7 @@ def finish(cfg: Config, metric: str, rows: list[TrialRow], study_dir: Path, stud
            model_name: str, per_method: bool = False) -> dict[str, Any]:
     """Rows come best first. ``per_method``: also the best trial of each method, in ``methods.md``/``.csv`` and
     as the parent's ``best_<metric>.<method>`` metrics."""
-    from raysemi.engine.tracking import mlflow_client
+    from raysemi.tracking.runs import mlflow_client
 
     uri, parent = study["tracking_uri"], study["parent_run_id"]
     client = mlflow_client(uri)
@@ -60,7 +60,7 @@ def finish(cfg: Config, metric: str, rows: list[TrialRow], study_dir: Path, stud
     if best is not None:
         client.log_metric(parent, f"best_{metric}", best.best)
         client.set_tag(parent, "raysemi.best_trial", best.trial_id)
-        from raysemi.engine.registry_models import register_checkpoint
+        from raysemi.tracking.model_registry import register_checkpoint
 
         registered = register_checkpoint(
             best.checkpoint, uri, parent, model_name, best.best,

@@ -26,7 +26,7 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 
 def default_registry_uri() -> str:
     """The store ``raysemi tune`` writes to by default (``runs/mlruns.db``) unless MLFLOW_TRACKING_URI is set."""
-    from raysemi.engine.tracking import resolve_tracking_uri
+    from raysemi.tracking.runs import resolve_tracking_uri
 
     return resolve_tracking_uri(None)
 
@@ -130,7 +130,7 @@ def register_checkpoint(checkpoint: str | Path, tracking_uri: str, run_id: str, 
     the version's description, and move the ``champion`` alias if it wins. Returns version, whether the alias moved
     and the previous champion."""
 
-    from raysemi.engine.tracking import mlflow_client
+    from raysemi.tracking.runs import mlflow_client
 
     state_file = resolve_state_file(checkpoint)
     state = load_state(state_file)
@@ -174,7 +174,7 @@ def _model_version(uri: str, tracking_uri: str | None) -> tuple[str, Any]:
     """(store, MLflow ModelVersion) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     from mlflow.exceptions import MlflowException
 
-    from raysemi.engine.tracking import existing_store, mlflow_client
+    from raysemi.tracking.runs import existing_store, mlflow_client
 
     match = _MODEL_URI.match(uri)
     if match is None:

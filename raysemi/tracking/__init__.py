@@ -1,0 +1,1 @@
+"""MLflow: the runs a training writes, the model registry and ``raysemi report`` over finished runs."""
