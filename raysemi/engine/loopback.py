@@ -26,6 +26,7 @@ from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
+from raysemi.engine.reaper import start_reaper
 from raysemi.errors import RaysemiError
 
 LOOPBACK = "127.0.0.1"
@@ -43,7 +44,8 @@ def start_local_ray(**init_options: Any) -> None:
     are off for this call only (the switch is read when the address is resolved), so a later ``ray.init(address=
     ...)`` in the same process finds its real node IP. ``address="local"`` always starts a new instance: without
     it ``ray.init`` joins the last cluster a ``ray start`` on this machine recorded, which is not what a run without
-    ``--address`` asks for."""
+    ``--address`` asks for. A reaper (``engine.reaper``) ends the Ray processes left behind if this process
+    crashes."""
     from ray._private import ray_constants
 
     clusters = ray_constants.ENABLE_RAY_CLUSTER
@@ -52,6 +54,7 @@ def start_local_ray(**init_options: Any) -> None:
         for attempt in range(1, STARTUP_ATTEMPTS + 1):
             try:
                 ray.init(address="local", _node_ip_address=LOOPBACK, **init_options)
+                start_reaper()
                 return
             except Exception as exc:  # Ray raises a bare Exception for this
                 if STARTUP_TIMEOUT not in str(exc):
