@@ -13,9 +13,11 @@ from torch import nn
 from raysemi.config import Config
 from raysemi.engine.loop import build_optimizers
 from raysemi.errors import ConfigError
+from raysemi.methods import METHODS
 from raysemi.methods.base import Hyperparameters, ParamGroup, param_groups
 from raysemi.methods.components import EmaTeacherHyper, RampUpHyper
-from raysemi.values import Spec, check_specs, hyper, redefault
+from raysemi.tuning.search_space import load_space
+from raysemi.values import Spec, check_specs, hyper, redefault, spec_of
 
 
 @pytest.mark.parametrize(
@@ -132,3 +134,19 @@ def test_groups_of_one_optimizer_must_agree_on_its_kind() -> None:
     groups = [ParamGroup(list(net[0].parameters())), ParamGroup(list(net[1].parameters()), optimizer="adam")]
     with pytest.raises(ValueError, match="optimizer 'main'"):
         build_optimizers(_Groups({"main": groups}), Config(), lr=0.01)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_hyperparameter_declares_its_help(name: str) -> None:
+    """Registry-driven: a method field without ``hyper`` (or a shared piece) has no help for ``raysemi methods``
+    and no rule at config load."""
+    undeclared = [f.name for f in dataclasses.fields(METHODS.get(name).Hyper) if not (spec_of(f) and spec_of(f).help)]
+    assert not undeclared, f"{name}: hyperparameters without values.hyper(...): {undeclared}"
+
+
+def test_a_search_space_outside_a_declared_range_is_one_line(tmp_path) -> None:
+    path = tmp_path / "mt.yaml"
+    path.write_text("metric: val/miou\nmode: max\nparams:\n  ema_decay: {type: uniform, low: 0.5, high: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"params\.ema_decay: value 1\.5 rejected \(method\.ema_decay: expected a "
+                                          r"value in \[0, 1\), got 1\.5\)"):
+        load_space(path, "mt")
