@@ -345,7 +345,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from raysemi.report import DEFAULT_RECIPES, build_report, resolve_tracking_uri
+    from raysemi.tracking.collect import DEFAULT_RECIPES, resolve_tracking_uri
+    from raysemi.tracking.render import build_report
 
     result = build_report([resolve_tracking_uri(uri) for uri in args.tracking_uri], args.out, args.experiment, args.runs,
                           args.include_trials, Path(args.recipes) if args.recipes else DEFAULT_RECIPES)

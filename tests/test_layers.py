@@ -1,8 +1,8 @@
-"""Imports point down (issue 15): cli -> tuning -> tracking and reports -> engine -> methods -> models, data and
-metrics -> core (config, registry, errors, values, bundled files, recipes). A study runs training trials and tracks
-them; tracking records what the engine runs (its callback is a loop callback) and the engine is handed the tracker,
-never imports it. Read from the source with ``ast``, so an import inside a function counts as much as one at the
-top of a module; and the modules' top-level imports form no cycle."""
+"""Imports point down (issue 15): cli -> tuning -> tracking (MLflow runs, model registry, reports) -> engine ->
+methods -> models, data and metrics -> core (config, registry, errors, values, bundled files, recipes). A study
+runs training trials and tracks them; tracking records what the engine runs (its callback is a loop callback), and
+the engine is handed the tracker, never imports it. Read from the source with ``ast``, so an import inside a
+function counts as much as one at the top of a module; and the modules' top-level imports form no cycle."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raysemi"
 #: Layer of each second-level name under ``raysemi``; any other name (config, registry, errors, ...) is core, 0.
-LAYERS = {"cli": 6, "tuning": 5, "tracking": 4, "report": 4, "report_plots": 4, "engine": 3, "methods": 2,
-          "models": 1, "data": 1, "metrics": 1}
+LAYERS = {"cli": 6, "tuning": 5, "tracking": 4, "engine": 3, "methods": 2, "models": 1, "data": 1, "metrics": 1}
 
 
 def _layer(module: str) -> int:

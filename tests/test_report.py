@@ -11,17 +11,10 @@ import pytest
 
 from raysemi.cli import main
 from raysemi.errors import ConfigError
-from raysemi.report import (
-    RunRecord,
-    assign_labels,
-    build_report,
-    class_gains,
-    gain_panels,
-    label_efficiency,
-    protocol_label,
-    section_figures,
-)
-from raysemi.report_plots import DPI, MAX_WIDTH_PX, gain_figure
+from raysemi.tracking.collect import RunRecord, assign_labels, protocol_label
+from raysemi.tracking.plots import DPI, MAX_WIDTH_PX, gain_figure
+from raysemi.tracking.render import build_report, section_figures
+from raysemi.tracking.tables import class_gains, gain_panels, label_efficiency
 
 EXPERIMENT = "bench"
 

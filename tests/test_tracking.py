@@ -66,7 +66,7 @@ def test_every_command_defaults_to_the_same_store(tmp_path: Path, monkeypatch: p
     default MLflow store by one rule, so a default study's runs are what a default report and registry read; an
     explicit URI and ``$MLFLOW_TRACKING_URI`` win in that order."""
     from raysemi.config import from_dict
-    from raysemi.report import resolve_tracking_uri as report_uri
+    from raysemi.tracking.collect import resolve_tracking_uri as report_uri
     from raysemi.tracking.model_registry import default_registry_uri
     from raysemi.tracking.runs import resolve_tracking_uri, tracking_uri
 

@@ -1,4 +1,4 @@
-"""Figures of ``raysemi report``, drawn from plain data that ``raysemi.report`` computes, so that tests check the
+"""Figures of ``raysemi report``, drawn from plain data that ``tables`` computes, so that tests check the
 numbers a figure draws: each method's gain over supervised, mIoU against the number of labels, learning curves
 per method and per-class gains; a study's trials. A figure is at most ``MAX_WIDTH_PX`` wide (saved at ``DPI``
 without a tight bounding box, so its size is its ``figsize``), its legend sits outside the data, and every axes
