@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from raysemi.errors import ConfigError
 from raysemi.tracking.collect import (
     CURVE_LABELS,
@@ -68,9 +70,10 @@ def render_html(blocks: list[tuple[Any, ...]]) -> str:
             body.append(f"<p>{esc(rest[0])}</p>")
         elif kind == "table":
             caption, head, rows = rest
-            cells = "".join(f"<th>{esc(h)}</th>" for h in head)
-            trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table><caption>{esc(caption)}</caption><tr>{cells}</tr>{trs}</table>")
+            table = pd.DataFrame(rows, columns=head, dtype=object).to_html(index=False, border=0, escape=True)
+            # pandas writes no caption: it goes right after the opening tag, where HTML wants it
+            opening = table.index(">") + 1
+            body.append(f"{table[:opening]}<caption>{esc(caption)}</caption>{table[opening:]}")
         elif kind == "img":
             body.append(f'<p><img src="{esc(rest[0])}" alt="{esc(rest[1])}"></p>')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"

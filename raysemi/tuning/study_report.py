@@ -4,11 +4,13 @@ checkpoint registered as a model. The study's trial rows are defined here; ``stu
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from raysemi.config import Config
 
@@ -94,19 +96,15 @@ def _close_child_runs(client: Any, experiment_id: str, parent: str, rows: list[T
 
 def write_leaderboard(rows: list[TrialRow], metric: str, folder: Path) -> dict[str, Path]:
     names = sorted({k for r in rows for k in r.params})
+    board = pd.DataFrame(
+        [[rank, r.trial_id, r.method, r.best, r.iterations, r.status, *(r.params.get(n) for n in names)]
+         for rank, r in enumerate(rows, 1)],
+        columns=["rank", "trial", "method", f"best_{metric}", "iterations", "status", *names],
+        dtype=object,  # keeps each value as it is: an int parameter missing in one row must not turn into 3.0
+    )
     csv_path, md_path = folder / "leaderboard.csv", folder / "leaderboard.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "trial", "method", f"best_{metric}", "iterations", "status", *names])
-        for rank, r in enumerate(rows, 1):
-            writer.writerow([rank, r.trial_id, r.method, r.best, r.iterations, r.status, *(r.params.get(n) for n in names)])
-    lines = [f"| rank | trial | method | best {metric} | iterations | status | " + " | ".join(names) + " |",
-             "|" + "---|" * (6 + len(names))]
-    for rank, r in enumerate(rows, 1):
-        best = f"{r.best:.4f}" if r.best is not None else "-"
-        values = " | ".join(_cell(r.params.get(n)) for n in names)
-        lines.append(f"| {rank} | {r.trial_id} | {r.method} | {best} | {r.iterations} | {r.status} | {values} |")
-    md_path.write_text("\n".join(lines) + "\n")
+    board.to_csv(csv_path, index=False)
+    md_path.write_text(markdown_table(board.rename(columns={f"best_{metric}": f"best {metric}"}), {f"best {metric}": ".4f"}))
     return {"csv": csv_path, "md": md_path}
 
 
@@ -115,22 +113,38 @@ def write_method_leaderboard(rows: list[TrialRow], metric: str, folder: Path) ->
     methods = list(dict.fromkeys(r.method for r in rows))
     best = {m: next(r for r in rows if r.method == m) for m in methods}
     best = {m: r for m, r in best.items() if r.best is not None}
+    table = pd.DataFrame(
+        [{"method": m, "trials": sum(r.method == m for r in rows),
+          "completed": sum(r.method == m and r.status == "completed" for r in rows),
+          f"best_{metric}": best[m].best if m in best else None, "best_trial": best[m].trial_id if m in best else None,
+          "params": best[m].params if m in best else None} for m in methods],
+        dtype=object,
+    )
     csv_path, md_path = folder / "methods.csv", folder / "methods.md"
-    lines = [f"| method | trials | completed | best {metric} | best trial | values |", "|---|---|---|---|---|---|"]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "trials", "completed", f"best_{metric}", "best_trial", "params"])
-        for m in methods:
-            trials = [r for r in rows if r.method == m]
-            done = sum(r.status == "completed" for r in trials)
-            row = best.get(m)
-            params = json.dumps(row.params, default=str) if row else ""
-            writer.writerow([m, len(trials), done, row.best if row else "", row.trial_id if row else "", params])
-            values = ", ".join(f"{k}={_cell(v)}" for k, v in row.params.items()) if row else ""
-            score = f"{row.best:.4f}" if row else "-"
-            lines.append(f"| {m} | {len(trials)} | {done} | {score} | {row.trial_id if row else '-'} | {values} |")
-    md_path.write_text("\n".join(lines) + "\n")
+    table.assign(params=table["params"].map(lambda p: json.dumps(p, default=str) if p else None)).to_csv(
+        csv_path, index=False)
+    shown = table.assign(params=table["params"].map(lambda p: ", ".join(f"{k}={_cell(v)}" for k, v in p.items()) if p else ""))
+    shown = shown.rename(columns={f"best_{metric}": f"best {metric}", "best_trial": "best trial", "params": "values"})
+    md_path.write_text(markdown_table(shown, {f"best {metric}": ".4f"}))
     return {"files": [csv_path, md_path], "best": best}
+
+
+def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    """A GitHub Markdown table of ``frame`` (pandas' own ``to_markdown`` needs ``tabulate``, not a dependency):
+    floats as ``formats[column]`` or 4 significant digits, missing values as ``-``."""
+    formats = formats or {}
+
+    def cell(column: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, float):
+            return format(value, formats.get(column, ".4g"))
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row, strict=True)) + " |"
+              for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(value: Any) -> str:
