@@ -1,5 +1,5 @@
 """Every registered method is enrolled here automatically: a few steps on the tiny model, finite losses,
-gradients reach every optimizer group, the unsupervised term is non-zero and on its own changes the student, the
+gradients reach every optimizer group and each optimizer's loss only its own parameters, the unsupervised term is non-zero and on its own changes the student, the
 hyperparameter defaults are valid config values, and the state loads into a differently initialised twin."""
 
 from __future__ import annotations
@@ -94,6 +94,28 @@ def test_every_optimizer_group_receives_a_gradient(name: str) -> None:
         sum(loss for loss in out.losses.values() if loss.requires_grad).backward()
         reached |= {k for k, params in groups.items() if any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)}
     assert reached == set(groups), f"{name}: no gradient reaches optimizer groups {sorted(set(groups) - reached)}"
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if len(_build(n).optimizer_groups()) > 1])
+def test_each_optimizers_loss_reaches_only_its_own_parameters(name: str) -> None:
+    """The loop sums the optimizers' losses and steps each optimizer on what reaches its parameters, so a loss
+    that leaked into another optimizer's parameters would train them with the wrong objective (StepOutput's
+    contract). Checked at the first step and midway, for the methods with more than one optimizer."""
+    method = _build(name)
+    method.train()
+    owned = {key: [p for g in gs for p in g.params] for key, gs in method.optimizer_groups().items()}
+    for iteration in (0, TOTAL // 2):
+        labeled, unlabeled = make_probe_batches(seed=iteration)
+        out = method(labeled, unlabeled, Progress(iteration, TOTAL))
+        assert set(out.losses) <= set(owned), f"{name}: losses for optimizers it does not have"
+        for key, loss in out.losses.items():
+            if not loss.requires_grad:
+                continue
+            method.zero_grad(set_to_none=True)
+            loss.backward(retain_graph=True)
+            leaked = [other for other, params in owned.items()
+                      if other != key and any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)]
+            assert not leaked, f"{name}: the {key!r} loss gives gradients to {leaked} (step {iteration})"
 
 
 @pytest.mark.parametrize("name", METHODS.names())
