@@ -54,6 +54,7 @@ from raysemi.engine.cluster_shape import refuse_unschedulable_workers
 from raysemi.engine.loop import Trainer, load_callbacks, scaled_lr
 from raysemi.engine.loopback import LoopbackTorchConfig, start_local_ray
 from raysemi.engine.ray_runtime import ReportingRuntime
+from raysemi.engine.run_folder import read_summary, write_summary
 from raysemi.errors import CheckpointError, ConfigError, RaysemiError
 from raysemi.methods import Method
 
@@ -380,7 +381,7 @@ rank 0 when tracking is on."""
     finally:
         if started:
             ray.shutdown()
-    summary = dict(result.return_value or json.loads((Path(cfg.out) / "summary.json").read_text()))
+    summary = dict(result.return_value or read_summary(cfg.out))
     best = result.get_best_checkpoint(RANK_METRIC, "max") if result.best_checkpoints else None
     summary.update(
         {
@@ -391,6 +392,5 @@ rank 0 when tracking is on."""
             "best_checkpoint": best.path if best is not None else None,
         }
     )
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary(cfg.out, summary)
     return summary

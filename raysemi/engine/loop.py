@@ -26,6 +26,7 @@ from raysemi.config import Config, dump, to_dict
 from raysemi.data.loaders import Loaders, build_loaders
 from raysemi.engine.checkpoint import FORMAT_VERSION, load_state, save_atomic
 from raysemi.engine.evaluate import evaluate
+from raysemi.engine.run_folder import write_summary
 from raysemi.errors import CheckpointError, ConfigError
 from raysemi.methods import METHODS, Method, Progress, build_method
 from raysemi.methods.base import REPORTED_NET
@@ -487,7 +488,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_end(self, summary)
         if self.runtime.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_summary(self.out_dir, summary)
         return summary
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -24,9 +25,10 @@ from raysemi.engine.checkpoint import remove_stale_temp_files
 from raysemi.errors import ConfigError
 
 LOCK_NAME = ".raysemi.lock"
-RUN_FILES = ("config.yaml", "summary.json", "checkpoints/last.pt")
+SUMMARY_NAME = "summary.json"
+RUN_FILES = ("config.yaml", SUMMARY_NAME, "checkpoints/last.pt")
 #: Files and folders of a run that ``--overwrite`` removes.
-RUN_CONTENTS = ("config.yaml", "summary.json", "provenance.json", "checkpoints", "split")
+RUN_CONTENTS = ("config.yaml", SUMMARY_NAME, "provenance.json", "checkpoints", "split")
 #: Config keys a resumed run may not change (section, key); ``None`` = the whole section.
 FROZEN_ON_RESUME = (
     ("method", None),
@@ -130,3 +132,14 @@ def check_resume(saved: dict[str, Any], resumed: dict[str, Any], out: Path) -> N
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def write_summary(out: str | Path, summary: dict[str, Any]) -> None:
+    """``<out>/summary.json``: the plain loop writes it at the end of a run, a Ray Train run again with what only
+    the driver knows (workers, storage, the best checkpoint)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str))
+
+
+def read_summary(out: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out) / SUMMARY_NAME).read_text())
