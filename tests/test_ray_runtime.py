@@ -81,3 +81,14 @@ def test_a_rank_that_packs_nothing_reports_metrics_only(tmp_path: Path) -> None:
     runtime = MetricsOnly(tmp_path, ray.get_checkpoint, ray.send)
     assert runtime.report({"val/miou": 0.5}, {"iteration": 3}) is None
     assert ray.reports == [({"val/miou": 0.5}, False)] and ray.kept is None
+
+
+def test_ray_train_and_tune_resolve_their_storage_by_one_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raysemi.engine.distributed import resolve_storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_storage(None, "study") == str(tmp_path / "study")
+    assert resolve_storage("runs/x", "study") == str(tmp_path / "runs" / "x")
+    assert resolve_storage("~/ckpt", "study") == str(tmp_path / "home" / "ckpt")
+    assert resolve_storage("s3://bucket/ckpt", "study") == "s3://bucket/ckpt"

@@ -214,18 +214,23 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def resolve_storage(explicit: str | None, default: str | Path) -> str:
+    """Ray's storage for a run or a study: a URI as given, a path made absolute (Ray needs one), ``default`` when
+    none is given. Ray Train and Tune both resolve theirs here."""
+    if explicit is None:
+        return str(Path(default).expanduser().resolve())
+    return explicit if is_uri(explicit) else str(Path(explicit).expanduser().resolve())
+
+
 def storage_path(cfg: Config, nodes: int) -> str:
     """Where Ray Train keeps checkpoints: ``distributed.storage`` (URI or path) or ``<out>/ray`` on one node."""
-    explicit = cfg.distributed.storage
-    if explicit is None:
-        default = str(Path(cfg.out).resolve() / "ray")
-        if nodes > 1:
-            raise ConfigError(
-                "distributed.storage: a multi-node run needs a storage path every node can reach (s3://..., gs://... "
-                f"or a shared mount); got None (the default {default} exists on this machine only)"
-            )
-        return default
-    return explicit if is_uri(explicit) else str(Path(explicit).expanduser().resolve())
+    if cfg.distributed.storage is None and nodes > 1:
+        raise ConfigError(
+            "distributed.storage: a multi-node run needs a storage path every node can reach (s3://..., gs://... "
+            f"or a shared mount); got None (the default {resolve_storage(None, Path(cfg.out) / 'ray')} exists on this "
+            "machine only)"
+        )
+    return resolve_storage(cfg.distributed.storage, Path(cfg.out) / "ray")
 
 
 def run_exists(storage: str, name: str) -> bool:

@@ -473,6 +473,8 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from raysemi.engine.distributed import resolve_storage
+
     if resume:
         return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
     space = next(iter(spaces.values()))
@@ -494,7 +496,7 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
                  if opts.scheduler == "asha" else FIFOScheduler())
     run_config = tune.RunConfig(
         name=name,
-        storage_path=str(Path(opts.storage).resolve()) if opts.storage and "://" not in opts.storage else (opts.storage or str(out)),
+        storage_path=resolve_storage(opts.storage, out),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.distributed.max_failures),
