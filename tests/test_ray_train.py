@@ -184,9 +184,29 @@ def _kill_session(leader: int) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _train_until_stalled(command: list[str], stall_at: int, registered: int, folder: Path, snapshot: Path) -> None:
+def _session(leader: int) -> list[int]:
+    """Live (not zombie) processes in the session of ``leader``."""
+    live = []
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) == leader and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                live.append(pid)
+    return live
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:80].decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+
+
+def _train_until_stalled(command: list[str], stall_at: int, registered: int, folder: Path, snapshot: Path,
+                         driver_only: bool = False) -> None:
     """Run ``command`` until rank 0 stalls at iteration ``stall_at`` and Ray has registered checkpoint
-    ``registered``, then SIGKILL the run, Ray included."""
+    ``registered``, then SIGKILL the run, Ray included; with ``driver_only`` SIGKILL only the CLI and require that
+    every process it started (Ray's GCS, raylet, agents, workers) is gone within 20 s (issue 17: Ray's agents
+    lingered 62 s before ``engine.reaper``)."""
     marker, log = folder / f"stalled-{stall_at}", folder / f"stderr-{stall_at}.log"
     stall = ["--callback", spec("KillOnce", iteration=stall_at, marker=str(marker), stall=True)]
     with log.open("w") as stderr:
@@ -197,6 +217,14 @@ def _train_until_stalled(command: list[str], stall_at: int, registered: int, fol
             assert driver.poll() is None, f"exit {driver.returncode} before the kill:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the run never reached the kill point"
             time.sleep(0.2)
+        if driver_only:
+            driver.kill()
+            driver.wait()
+            deadline = time.monotonic() + 20
+            while _session(driver.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = _session(driver.pid)
+            assert not left, f"still running 20 s after the CLI was killed: {[_command(pid) for pid in left]}"
     finally:
         _kill_session(driver.pid)
         driver.wait()
@@ -212,7 +240,7 @@ def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(mt_run, tmp_path)
     config.write_text(json.dumps(to_dict(make_config(out, "mt", train={"checkpoint_every": 1}))))
     command = [RAYSEMI, "train", "--config", str(config), "--out", str(out)]
     snapshot = out / "ray" / out.name / SNAPSHOT_FILE
-    _train_until_stalled(command, stall_at=2, registered=1, folder=tmp_path, snapshot=snapshot)
+    _train_until_stalled(command, stall_at=2, registered=1, folder=tmp_path, snapshot=snapshot, driver_only=True)
     _train_until_stalled([*command, "--resume"], stall_at=4, registered=3, folder=tmp_path, snapshot=snapshot)
     done = subprocess.run([*command, "--resume", "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
