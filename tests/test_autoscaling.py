@@ -288,7 +288,9 @@ def cluster() -> Iterator[Cluster]:
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
     config_path = Path(temp_dir) / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, **CLUSTER_ENV, "AUTOSCALER_METRIC_PORT": str(free_port())}
+    # the checkout on PYTHONPATH: the worker nodes inherit the head's environment, and the preemption test's
+    # --callback (tests.fault_hooks) is imported by the Train workers they host
+    env = {**os.environ, **CLUSTER_ENV, **CHECKOUT_PATH, "AUTOSCALER_METRIC_PORT": str(free_port())}
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=0", "--node-ip-address=127.0.0.1",
          "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000",
