@@ -24,10 +24,10 @@ train: setup
 
 test: setup
 	$(BIN)/ruff check raysemi tests benchmarks
-	$(BIN)/pytest -q -n 2 --dist loadscope -m "not cluster" --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadscope --durations=15
 
-# The simulated autoscaling cluster's end-to-end tests (scale-up from zero, a lost node, scale-down): about 4
-# minutes more than make test's budget allows.
+# Only the simulated autoscaling cluster's end-to-end tests (scale-up from zero, a lost node, scale-down; also in
+# make test), about 2-4 minutes.
 test-cluster: setup
 	$(BIN)/pytest -q -m cluster --durations=5
 
