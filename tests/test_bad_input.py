@@ -226,6 +226,26 @@ def predict_with_a_missing_sqlite_store(env: Env) -> Case:
                  "--out", str(env.tmp / "pred"), "--tracking-uri", f"sqlite:///{db}"], f"no MLflow store at sqlite:///{db}", absent=(db,))
 
 
+
+def _declared_rule(method: str, setting: str, names: str) -> Callable[[Env], Case]:
+    """A hyperparameter outside the rule its field declares (``values.hyper``): refused at config load, before
+    the run folder exists."""
+
+    def build(env: Env) -> Case:
+        out = env.tmp / "run"
+        return Case(["train", "--method", method, *TINY_RUN, "--out", str(out), "--set", setting], names, absent=(out,))
+
+    return build
+
+
+def unknown_callback_module(env: Env) -> Case:
+    out = env.tmp / "run"
+    # the folder is claimed (its lock file) before the hooks load, but no run file is written, so the same command
+    # with a fixed --callback is not refused as an existing run
+    return Case([*TRAIN, "--out", str(out), "--callback", "no_such_module:Hook"],
+                "--callback no_such_module:Hook: cannot import no_such_module:Hook",
+                absent=(out / "config.yaml", out / "split", out / "checkpoints"))
+
 CASES: dict[str, Callable[[Env], Case]] = {
     "labeled 1/0": labeled_zero_denominator,
     "non-UTF-8 file name in a dataset": non_utf8_file_name,
@@ -249,6 +269,15 @@ CASES: dict[str, Callable[[Env], Case]] = {
     "predict a checkpoint without config": predict_checkpoint_without_config,
     "eval with a missing sqlite store": eval_with_a_missing_sqlite_store,
     "predict with a missing sqlite store": predict_with_a_missing_sqlite_store,
+    "mt ema_buffers not a choice": _declared_rule("mt", "method.ema_buffers=avg", "method.ema_buffers: expected one of ema, copy, own, got 'avg'"),
+    "mt rampup_kind not a choice": _declared_rule("mt", "method.rampup_kind=step", "method.rampup_kind: expected one of sigmoid"),
+    "cutmix n_boxes 0": _declared_rule("cutmix", "method.n_boxes=0", "method.n_boxes: expected a value >= 1, got 0"),
+    "cutmix conf_threshold above 1": _declared_rule("cutmix", "method.conf_threshold=1.5", "method.conf_threshold: expected a value in [0, 1], got 1.5"),
+    "cutmix box min above max": _declared_rule("cutmix", "method.box_area_min=0.9", "method.box_area_min/box_area_max: expected min <= max"),
+    "cps negative weight": _declared_rule("cps", "method.cps_weight=-1", "method.cps_weight: expected a value >= 0, got -1.0"),
+    "ael momentum 1": _declared_rule("ael", "method.m_conf=1", "method.m_conf: expected a value in [0, 1), got 1.0"),
+    "cct dropout rate above 1": _declared_rule("cct", "method.drop_rate=1.5", "method.drop_rate: expected a value in [0, 1], got 1.5"),
+    "--callback of a missing module": unknown_callback_module,
 }
 
 
