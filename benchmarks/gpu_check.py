@@ -4,15 +4,16 @@ Three parts, each recorded in one JSON file (rewritten after every case, so a ru
 it measured) and rendered as Markdown tables beside it for BENCHMARKS.md:
 
 1. **ray**: training images/s of a 1-worker ``TorchTrainer`` (NCCL) against the plain loop, same config
-   (``deeplabv3plus_resnet50``, ``supervised``, synthetic data through the real loaders, fp16 AMP). It runs first,
+   (``deeplabv3plus_resnet50``, ``supervised``, synthetic data through the real loaders, ``train.precision`` auto:
+   fp16 autocast with the GradScaler on CUDA). It runs first,
    so that the plain loop and the Ray worker both start on a cold CUDA context. Skipped when ray is not importable.
 2. **throughput**: images/s and peak GPU memory of ``deeplabv3plus_resnet50`` for supervised, mt and cps under
-   fp16 and bf16 AMP at a VOC-like crop. Each case is raysemi's own ``Trainer.fit()`` fed one synthetic batch that
-   stays on the GPU, so the figure is the training step and not the CPU data pipeline; warm-up steps, then timed
-   steps between two ``torch.cuda.synchronize()``. Images per step are labelled + unlabelled (labelled only for
-   supervised, which reads no unlabelled batch). bf16: ``train.amp`` autocasts with torch's default CUDA autocast
-   dtype (fp16) and has no dtype option yet, so the case sets that default to bf16 around the unchanged loop; the
-   loop's GradScaler stays on (unneeded for bf16). The dtype a convolution actually ran in is recorded per case.
+   ``train.precision`` fp16 (float16 autocast + GradScaler) and bf16 (bfloat16 autocast, no GradScaler) at a
+   VOC-like crop. Each case is raysemi's own ``Trainer.fit()`` fed one synthetic batch that stays on the GPU, so the
+   figure is the training step and not the CPU data pipeline; warm-up steps, then timed steps between two
+   ``torch.cuda.synchronize()``. Images per step are labelled + unlabelled (labelled only for supervised, which
+   reads no unlabelled batch). The dtype a convolution actually ran in, and whether the GradScaler was on, are
+   recorded per case. The CPU dry run times fp32 and bf16 instead (fp16 autocast is CUDA-only in the loop).
 3. **camvid**: the 2,000-iteration CamVid 1/32 supervised calibration run of BENCHMARKS.md section 0 (seed 0,
    ``lraspp_mobilenet_v3``, fp32), its test mIoU compared with the CPU run's
    (``benchmarks/results/camvid_1_32_calibration/lr0.01_2000it_seed0.jsonl``): it must agree within
@@ -26,7 +27,8 @@ as wheels). For part 3 copy the data into the checkout first (``shared/`` travel
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py        # writes $OUT/gpu_check.{json,md}
 
-CPU dry run (every case for 2 steps at 32x32, batch 2; CI runs it through tests/test_gpu_check.py):
+CPU dry run (every case for 2 steps at 32x32, batch 2, precisions fp32 and bf16; CI runs it through
+tests/test_gpu_check.py):
 
     .venv/bin/python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json
 """
@@ -44,7 +46,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ from raysemi.engine.provenance import git_commit
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "deeplabv3plus_resnet50"
 METHODS = ("supervised", "mt", "cps")
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: The ``train.precision`` of each throughput case on the GPU.
+PRECISIONS = ("fp16", "bf16")
 RAY_METHOD = "supervised"
 CAMVID_REFERENCE = ROOT / "benchmarks" / "results" / "camvid_1_32_calibration" / "lr0.01_2000it_seed0.jsonl"
 CAMVID_CANDIDATES = (ROOT / "shared" / "data" / "camvid", ROOT.parent / "shared" / "data" / "camvid")
@@ -71,7 +73,8 @@ MIB = 2**20
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How much of each part to run. ``threads``: torch threads (0 keeps torch's default); ``ray_cpus``: CPUs (and
-    torch threads) of the ray part's plain loop and of its worker; ``loader_workers``: its data-loader processes."""
+    torch threads) of the ray part's plain loop and of its worker; ``loader_workers``: its data-loader processes;
+    ``precisions``: the ``train.precision`` of each throughput case."""
 
     device: str
     crop: tuple[int, int]
@@ -84,11 +87,13 @@ class Plan:
     threads: int
     ray_cpus: int
     loader_workers: int
+    precisions: tuple[str, ...]
 
 
 # ~5-6 minutes on an H200 in all: ray ~1.5, throughput ~2.5 (6 cases), camvid ~1.5 (estimates, not yet measured).
-GPU_PLAN = Plan("cuda", (512, 512), 16, 10, 30, 200, 2000, 200, 0, 4, 4)
-DRY_RUN_PLAN = Plan("cpu", (32, 32), 2, 1, 1, 2, 2, 0, 1, 1, 0)
+GPU_PLAN = Plan("cuda", (512, 512), 16, 10, 30, 200, 2000, 200, 0, 4, 4, PRECISIONS)
+# fp16 autocast is CUDA-only in the loop (a config error on CPU): the dry run checks fp32 and CPU bf16 autocast.
+DRY_RUN_PLAN = Plan("cpu", (32, 32), 2, 1, 1, 2, 2, 0, 1, 1, 0, ("fp32", "bf16"))
 
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
@@ -173,25 +178,16 @@ class StepTimer(Callback):
 
 
 class OutputDtype:
-    """The dtype of a module's output in its last forward: which precision the loop's autocast really ran in."""
+    """The dtype of a module's output in its last training forward: which precision the loop's autocast really ran
+    in. Forwards in eval mode are skipped: the loop's final evaluation runs outside autocast, in float32."""
 
     def __init__(self, module: nn.Module) -> None:
         self.dtype: str | None = None
         module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.dtype = str(output.dtype).removeprefix("torch.")
-
-
-@contextmanager
-def default_autocast_dtype(device_type: str, dtype: torch.dtype) -> Iterator[None]:
-    """``torch.autocast(device, dtype=None)``, as the loop calls it, takes ``torch.get_autocast_dtype(device)``."""
-    previous = torch.get_autocast_dtype(device_type)
-    torch.set_autocast_dtype(device_type, dtype)
-    try:
-        yield
-    finally:
-        torch.set_autocast_dtype(device_type, previous)
+        if module.training:
+            self.dtype = str(output.dtype).removeprefix("torch.")
 
 
 def release_memory() -> None:
@@ -208,7 +204,7 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
-def synthetic_config(plan: Plan, method: str, out: Path, iters: int, train_images: int) -> dict[str, Any]:
+def synthetic_config(plan: Plan, method: str, out: Path, iters: int, train_images: int, precision: str = "auto") -> dict[str, Any]:
     """A synthetic run of ``MODEL`` at the plan's crop: images generated at the crop size, half of them labelled."""
     height, width = plan.crop
     return {
@@ -223,7 +219,7 @@ def synthetic_config(plan: Plan, method: str, out: Path, iters: int, train_image
             "labeled": "1/2",
             "batch_size": plan.batch_size,
         },
-        "train": {"iters": iters, "device": plan.device, "amp": True, "threads": plan.threads, "seed": 0},
+        "train": {"iters": iters, "device": plan.device, "precision": precision, "threads": plan.threads, "seed": 0},
         "tracking": {"enabled": False},
         "out": str(out),
     }
@@ -232,7 +228,7 @@ def synthetic_config(plan: Plan, method: str, out: Path, iters: int, train_image
 # ----------------------------------------------------------------------------------------------- throughput
 def throughput_case(plan: Plan, method: str, precision: str, out: Path) -> dict[str, Any]:
     total = plan.warmup_steps + plan.timed_steps
-    values = synthetic_config(plan, method, out, total, 2 * plan.batch_size)
+    values = synthetic_config(plan, method, out, total, 2 * plan.batch_size, precision)
     cfg = from_dict({**values, "train": {**values["train"], "log_every": 1}})
     device = torch.device(plan.device)
     timer = StepTimer(plan.warmup_steps, total, device)
@@ -241,15 +237,14 @@ def throughput_case(plan: Plan, method: str, precision: str, out: Path) -> dict[
     unlabeled = next(iter(trainer.loaders.unlabeled)).to(trainer.device)
     trainer.loaders = dataclasses.replace(trainer.loaders, labeled=FixedBatches(labeled), unlabeled=FixedBatches(unlabeled))
     conv = OutputDtype(next(m for m in trainer.method.modules() if isinstance(m, nn.Conv2d)))
-    with default_autocast_dtype(trainer.device.type, PRECISIONS[precision]):
-        trainer.fit()
+    trainer.fit()
     images = len(labeled) + (len(unlabeled) if type(trainer.method).has_unsupervised_loss else 0)
     if timer.seconds is None:
         raise RuntimeError(f"the loop ran {trainer.iteration} of {total} iterations")
     return {
         "method": method,
         "precision": precision,
-        "amp_active": trainer.amp,
+        "grad_scaler": trainer.scaler.is_enabled(),
         "conv_output_dtype": conv.dtype,
         "images_per_step": images,
         "timed_steps": plan.timed_steps,
@@ -269,12 +264,12 @@ def throughput_part(plan: Plan, methods: list[str], work: Path, recorder: Record
         "unlabeled_batch": plan.batch_size,
         "warmup_steps": plan.warmup_steps,
         "data": "raysemi's synthetic dataset, one batch kept on the device",
-        "bf16_via": "torch.set_autocast_dtype(device, bfloat16) around Trainer.fit (train.amp has no dtype option)",
+        "precision_via": "train.precision (fp16: float16 autocast + GradScaler; bf16: bfloat16 autocast, no GradScaler)",
         "cases": [],
     }
     recorder.record["throughput"] = part
     for method in methods:
-        for precision in PRECISIONS:
+        for precision in plan.precisions:
             release_memory()
             try:
                 case = {"status": "ok", **throughput_case(plan, method, precision, work / f"{method}-{precision}")}
@@ -362,8 +357,8 @@ def camvid_part(plan: Plan, data_root: str | None, work: Path, recorder: Recorde
         "data": {"dataset": "camvid", "root": str(root), "labeled": "1/32", "resolution_scale": 0.5,
                  "crop_size": [90, 120], "scale_range": [0.75, 1.5], "test_split": "test"},
         # fp32 like the CPU run (convolutions in TF32 where cuDNN allows it, torch's default, recorded under
-        # device), so a disagreement points at the device and not at AMP.
-        "train": {"iters": plan.camvid_iters, "seed": reference["seed"], "device": plan.device, "amp": False,
+        # device), so a disagreement points at the device and not at mixed precision.
+        "train": {"iters": plan.camvid_iters, "seed": reference["seed"], "device": plan.device, "precision": "fp32",
                   "eval_every": plan.camvid_eval_every, "log_every": plan.camvid_iters, "threads": plan.threads},
         "tracking": {"enabled": False},
         "out": str(work / "camvid"),

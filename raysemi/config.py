@@ -15,7 +15,7 @@ from raysemi.errors import ConfigError
 from raysemi.values import coerce_value
 
 EVAL_MODES = ("whole", "sliding", "center_crop")
-#: The devices the loop runs on (AMP, the GradScaler and NCCL assume CPU or CUDA).
+#: The devices the loop runs on (autocast, the GradScaler and NCCL assume CPU or CUDA).
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -36,7 +36,10 @@ class DataConfig:
     resolution_scale: images and masks are resized by this factor before anything else (CPU runs at reduced
     resolution; evaluation runs at the same scale, labels resized with nearest).
     crop_size: training crop (H, W); scale_range: random scale before the crop; batch_size: labelled images per
-    worker; unlabeled_batch_size: unlabelled images per worker (0 = same as batch_size).
+    worker; unlabeled_batch_size: unlabelled images per worker (0 = same as batch_size). num_workers: DataLoader
+    processes per training process that prepare batches ahead while the step computes (0 = none: loading runs in
+    the training process between steps); the batches are the same either way (each sample is augmented from its
+    own seed), and each process keeps its own ``cache``.
     eval_mode: whole | sliding (window = crop_size) | center_crop; val_split: split evaluated during training (the
     one to choose hyperparameters and checkpoints on); val_limit: evaluate at most this many images (0 = all);
     test_split: split evaluated once, after the last iteration, and only reported (``test/miou``): never used to
@@ -120,10 +123,37 @@ class OptimConfig:
             raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
 
 
+#: ``train.precision`` values (``raysemi.engine.speed.resolve_precision`` turns one into an autocast dtype).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def fp16_needs_cuda(device: str) -> ConfigError:
+    """The one-line error for ``train.precision=fp16`` on a device without float16 autocast and GradScaler."""
+    return ConfigError(f"train.precision fp16: float16 autocast with a GradScaler needs a CUDA device, the run is on "
+                       f"{device}; use bf16, fp32 or auto there")
+
+
 @dataclass
 class TrainConfig:
     """iters: total iterations; eval_every / checkpoint_every / log_every in iterations (0 = only at the end);
-    device: auto | cpu | cuda; amp: mixed precision when on CUDA."""
+    device: auto | cpu | cuda | cuda:N; threads: torch threads (0 = torch's default).
+
+    Speed options of the shared loop (``raysemi.engine.speed``); the defaults keep the results of earlier runs:
+
+    - precision: ``auto`` (default) is float16 autocast with a GradScaler on CUDA and fp32 on CPU (what ``amp:
+      true`` did); ``fp32`` no autocast anywhere; ``bf16`` bfloat16 autocast on the run's device (CPU or CUDA), no
+      GradScaler; ``fp16`` float16 autocast with a GradScaler, CUDA only (a one-line error on CPU). It replaces
+      ``amp``: a config, recipe, ``--set`` or run folder that still says ``train.amp`` loads as ``precision: auto``
+      (true) or ``fp32`` (false), so run folders written before resume as they were.
+    - channels_last: the method's networks and the 4-D tensors of every training batch in channels_last memory
+      format (faster convolutions with oneDNN on CPU and cuDNN on recent GPUs). Checkpoints load into a model of
+      either format.
+    - compile: ``torch.compile`` the ``encode`` and ``decode`` of every segmentation network the method holds
+      (students, EMA teachers, second networks, an ancillary model), for the training step only; evaluation runs
+      them uncompiled, and state dicts, checkpoints and EMA updates see the modules themselves, so a checkpoint
+      has no ``_orig_mod.`` keys and loads with compile on or off. Other modules (cct's auxiliary decoders, gcl's
+      flaw detector, selfcorr's correction net) and the losses run eagerly. Needs a C++ compiler on CPU; the first
+      steps are slow while it compiles."""
 
     iters: int = 200
     eval_every: int = 0
@@ -131,7 +161,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -139,6 +171,28 @@ class TrainConfig:
             raise ConfigError(f"train.iters: must be >= 1, got {self.iters}")
         if not DEVICE.fullmatch(self.device):
             raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise fp16_needs_cuda(self.device)
+
+
+def _amp_as_precision(amp: Any) -> str:
+    return "auto" if coerce_value("train.amp", amp, True) else "fp32"
+
+
+def upgrade_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a nested config dict) with keys of earlier versions renamed: ``train.amp`` true / false becomes
+    ``train.precision`` auto / fp32. A mapping that gives both and disagrees is a one-line error."""
+    train = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(train, dict) or "amp" not in train:
+        return values
+    train = dict(train)
+    precision = _amp_as_precision(train.pop("amp"))
+    if train.setdefault("precision", precision) != precision:
+        raise ConfigError(f"train.amp: replaced by train.precision (amp true = auto, false = fp32), and this config "
+                          f"also gives precision {train['precision']!r}; keep only train.precision")
+    return {**values, "train": train}
 
 
 @dataclass
@@ -324,7 +378,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"config: expected a mapping at top level, got {type(values).__name__}")
     kwargs: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in upgrade_legacy_keys(values).items():
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown config section; valid: {', '.join(sorted(SECTIONS))}")
         if key == "method":
@@ -371,8 +425,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (value parsed as YAML scalar) to nested dicts; returns a new dict."""
-    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    """Apply ``a.b=value`` overrides (value parsed as YAML scalar) to nested dicts; returns a new dict. A legacy key
+    (``train.amp``) is set as the key that replaced it, so it overrides that key as any ``--set`` does."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in upgrade_legacy_keys(values).items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
@@ -391,14 +446,17 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if section not in SECTIONS:
             raise ConfigError(f"--set {key}: unknown config section {section!r}; valid: {', '.join(sorted(SECTIONS))}")
         result.setdefault(section, {})
+        if (section, name) == ("train", "amp"):
+            name, value = "precision", _amp_as_precision(value)
         result[section][name] = value
     return result
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Nested merge of config dicts (update wins)."""
-    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in update.items():
+    """Nested merge of config dicts (update wins; each side's legacy keys are renamed first, so a ``train.amp`` of
+    one side meets the other's ``train.precision`` under the same name)."""
+    result = {k: (dict(v) if isinstance(v, dict) else v) for k, v in upgrade_legacy_keys(base).items()}
+    for key, value in upgrade_legacy_keys(update).items():
         if isinstance(value, dict) and isinstance(result.get(key), dict):
             result[key] = {**result[key], **value}
         else:

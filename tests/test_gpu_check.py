@@ -47,13 +47,16 @@ def test_dry_run_records_every_case(tmp_path: Path) -> None:
     assert record["dry_run"] and record["complete"]
 
     cases = record["throughput"]["cases"]
-    assert {(c["method"], c["precision"]) for c in cases} == {(m, p) for m in gpu_check.METHODS for p in gpu_check.PRECISIONS}
+    precisions = gpu_check.DRY_RUN_PLAN.precisions
+    assert {(c["method"], c["precision"]) for c in cases} == {(m, p) for m in gpu_check.METHODS for p in precisions}
     for case in cases:
         assert case["status"] == "ok", case
         assert finite(case["images_per_s"]) and case["images_per_s"] > 0 and finite(case["seconds"])
-        # supervised reads no unlabelled batch; the CPU loop runs without AMP and there is no GPU memory to read
+        # supervised reads no unlabelled batch; train.precision reaches the loop's autocast (bf16 runs in bfloat16
+        # on the CPU too), the GradScaler is for fp16 only, and there is no GPU memory to read
         assert case["images_per_step"] == (2 if case["method"] == "supervised" else 4)
-        assert (case["amp_active"], case["conv_output_dtype"], case["peak_allocated_mib"]) == (False, "float32", None)
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}[case["precision"]]
+        assert (case["grad_scaler"], case["conv_output_dtype"], case["peak_allocated_mib"]) == (False, dtype, None)
 
     ray = record["ray"]
     assert ray["status"] == "ok" and ray["backend"] == "gloo" and finite(ray["ratio"])
@@ -69,7 +72,7 @@ def test_dry_run_records_every_case(tmp_path: Path) -> None:
         assert camvid["split_matches"] and camvid["agrees"] is None  # 2 iterations are not compared
 
     table = out.with_suffix(".md").read_text()
-    assert "| cps | bf16 | float32 | 4 |" in table and "| TorchTrainer, 1 worker |" in table
+    assert "| cps | bf16 | bfloat16 | 4 |" in table and "| TorchTrainer, 1 worker |" in table
 
 
 def test_missing_camvid_is_skipped_and_missing_gpu_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

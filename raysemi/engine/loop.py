@@ -1,8 +1,8 @@
 """The plain PyTorch training loop. Runs without Ray; Ray Train and Tune plug in through a ``Runtime``.
 
-Iteration-based: one labelled and one unlabelled batch per step, one optimizer per method group, poly LR, AMP on
-CUDA, evaluation and checkpoints at fixed iterations, exact resume (method, optimizers, scaler, RNG, loader
-position), callbacks for progress and MLflow.
+Iteration-based: one labelled and one unlabelled batch per step, one optimizer per method group, poly LR, the speed
+options of ``raysemi.engine.speed`` (precision, channels_last, compile), evaluation and checkpoints at fixed
+iterations, exact resume (method, optimizers, scaler, RNG, loader position), callbacks for progress and MLflow.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from raysemi.config import Config, dump, to_dict
+from raysemi.data.batch import Batch
 from raysemi.data.loaders import Loaders, build_loaders
 from raysemi.engine.checkpoint import FORMAT_VERSION, load_state, save_atomic
 from raysemi.engine.evaluate import evaluate
 from raysemi.engine.run_folder import write_summary
+from raysemi.engine.speed import SpeedOptions
 from raysemi.errors import CheckpointError, ConfigError
 from raysemi.methods import METHODS, Method, Progress, build_method
 from raysemi.methods.base import REPORTED_NET
@@ -237,6 +239,7 @@ class Trainer:
         self.runtime = runtime or Runtime(self.out_dir)
         self.callbacks = [cb for cb in callbacks or [] if self.runtime.is_main or cb.every_rank]
         self.device = self.runtime.device(cfg)
+        self.speed = SpeedOptions(cfg.train, self.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         method_cls = METHODS.get(cfg.method_name)
@@ -252,10 +255,10 @@ class Trainer:
             )
 
         self.method: Method = build_method(cfg.method_name, factory, info, cfg.method_params).to(self.device)
+        self.speed.prepare(self.method)
         self.lr = scaled_lr(cfg, self.runtime.world_size)
         self.optimizers = build_optimizers(self.method, cfg, self.lr)
-        self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = self.speed.grad_scaler()
         self.model = self.runtime.wrap(self.method)
         self.iteration = 0
         self.stats = LossStats()
@@ -311,7 +314,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint does not match this run's method/model ({first[:160]})") from None
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run was not fp16: a run resumed in fp16 starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.stats = LossStats(**state["stats"])
         self.last_eval = dict(state.get("last_eval", {}))
@@ -351,14 +355,10 @@ class Trainer:
         total = cfg.train.iters
         while self.iteration < total:
             started = time.perf_counter()
-            labeled = next(labeled_iter).to(self.device, non_blocking=True)
-            unlabeled = next(unlabeled_iter).to(self.device, non_blocking=True) if unlabeled_iter else None
-            progress = Progress(self.iteration, total)
-            logs = self._step(labeled, unlabeled, progress)
-            self.images_seen += len(labeled) + (len(unlabeled) if unlabeled is not None else 0)
+            labeled = next(labeled_iter)
+            unlabeled = next(unlabeled_iter) if unlabeled_iter else None
+            logs = self.train_step(labeled, unlabeled)
             self.train_seconds += time.perf_counter() - started
-            self.iteration += 1
-            self.stats.add(logs)
             if self.iteration % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
                 for cb in self.callbacks:
                     cb.on_log(self.iteration, logs)
@@ -368,9 +368,23 @@ class Trainer:
                 self.checkpoint_path = self.runtime.report({"iteration": self.iteration}, self.state())
                 raise KeyboardInterrupt
 
-    def _step(self, labeled: Any, unlabeled: Any, progress: Progress) -> dict[str, float]:
+    def train_step(self, labeled: Batch, unlabeled: Batch | None) -> dict[str, float]:
+        """One iteration on these host batches: moved to the device in the run's memory format, the method's
+        forward in the run's precision (through its compiled networks with ``train.compile``), backward, optimizer
+        steps and ``after_step``; advances the iteration and the loss statistics and returns the step's logs.
+        ``fit`` calls it once per iteration (and times it with the data loading); ``benchmarks/cpu_step.py`` times
+        it alone."""
+        labeled = self.speed.batch(labeled)
+        unlabeled = self.speed.batch(unlabeled) if unlabeled is not None else None
+        logs = self._step(labeled, unlabeled, Progress(self.iteration, self.cfg.train.iters))
+        self.images_seen += len(labeled) + (len(unlabeled) if unlabeled is not None else 0)
+        self.iteration += 1
+        self.stats.add(logs)
+        return logs
+
+    def _step(self, labeled: Batch, unlabeled: Batch | None, progress: Progress) -> dict[str, float]:
         set_poly_lr(self.optimizers, progress.iteration, progress.total, self.cfg.optim.power)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with self.speed.training_forward():
             out = self.model(labeled, unlabeled, progress)
         total = sum(loss for loss in out.losses.values() if loss.requires_grad)
         for opt in self.optimizers.values():
