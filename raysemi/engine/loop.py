@@ -392,8 +392,8 @@ class Trainer:
         if isinstance(total, torch.Tensor):
             self.scaler.scale(total).backward()
             for opt in self.optimizers.values():
-                # A group idle in this stage (selfcorr's ancillary after pre-training) has no gradients; the AMP
-                # scaler refuses to step an optimizer it recorded no inf-checks for.
+                # A group idle in this stage (selfcorr's ancillary after pre-training) has no gradients; the fp16
+                # GradScaler refuses to step an optimizer it recorded no inf-checks for.
                 if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
                     self.scaler.step(opt)
             self.scaler.update()
