@@ -1,0 +1,60 @@
+"""Pick a tuning study's config on val and print it as `run_methods.py --variant` overrides (KEY=VALUE,...).
+
+Rule (fixed before any study of BENCHMARKS.md section 5 ended): among the trials that ran the whole budget, the one
+with the highest mean val mIoU over its last three evaluations. `run_methods.py` reports the last iteration's net,
+and one evaluation on CamVid's 101 val frames moves by about 2 points. Writes `selection.json` in the study folder:
+every trial's iterations, last-3 mean, best val and config, and the study's total iterations.
+
+    python benchmarks/select_tuned.py runs/tune/camvid-mt --iters 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RULE = "complete trials only; highest mean val mIoU over the last three evaluations"
+
+
+def trial_rows(study: Path) -> list[dict]:
+    trials = []
+    for folder in sorted(study.glob("run_trial_*")):
+        results = folder / "result.json"
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+        if not rows:
+            continue
+        vals = [r["val/miou"] for r in rows]
+        trials.append({"trial": rows[-1]["trial_id"], "iterations": rows[-1]["iteration"],
+                       "last3": statistics.mean(vals[-3:]), "best_val": max(vals),
+                       "config": json.loads((folder / "params.json").read_text()), "started": rows[0]["timestamp"]})
+    return sorted(trials, key=lambda t: t["started"])
+
+
+def overrides(config: dict) -> str:
+    def text(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+    return ",".join(f"{key if '.' in key else 'method.' + key}={text(value)}" for key, value in config.items())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="the study folder (<out>/<name>)")
+    parser.add_argument("--iters", type=int, default=1000, help="a trial's full budget")
+    args = parser.parse_args()
+    trials = trial_rows(args.study)
+    complete = [t for t in trials if t["iterations"] >= args.iters]
+    if not complete:
+        raise SystemExit(f"{args.study}: no trial ran all {args.iters} iterations")
+    best = max(complete, key=lambda t: t["last3"])
+    selection = {"rule": RULE, "chosen": best["trial"], "total_iterations": sum(t["iterations"] for t in trials),
+                 "trials": trials}
+    (args.study / "selection.json").write_text(json.dumps(selection, indent=1))
+    print(overrides(best["config"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
