@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for name, (study, kind, searcher, scheduler, per_cell) in SEARCHERS.items():
                 tune = {"space": str(files[kind]), "trials": per_cell * grid_trials, "searcher": searcher,
-                        "scheduler": scheduler, "name": f"{study}-s{seed}", "concurrency": 1, "out": str(work)}
+                        "scheduler": scheduler, "name": f"{study}-s{seed}", "concurrency": 1, "out": str(work),
+                        # the searchers are compared on what they sample: none starts from the method's defaults
+                        "defaults_first": False}
                 cfg = from_dict(merge(values, {"train": {"seed": seed}, "tune": tune}))
                 rows = study_rows(cfg, space_defs[kind], work / tune["name"])
                 if rows is None:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "none"], help="ASHA early stopping (default) or none")
     p.add_argument("--reduction-factor", type=int, help="ASHA reduction factor (default 2)")
     p.add_argument("--startup-trials", type=int, help="random trials before TPE takes over (default: a quarter of --trials, 2 to 10)")
+    p.add_argument("--max-iters", type=int, help="the study's budget: iterations over all trials, after which it stops (default: no cap)")
+    p.add_argument("--defaults-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="the first trial runs the method's own values of the searched hyperparameters (default on)")
     p.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default starts a local Ray")
     p.add_argument("--worker-resources", metavar="JSON", help=WORKER_RESOURCES_HELP)
     p.add_argument("--storage", help="Tune storage (path or URI; default --out)")
@@ -137,7 +140,7 @@ def parse_worker_resources(text: str) -> dict[str, float]:
 
 #: ``raysemi tune`` flags that set the same-named key of the config's ``tune`` section (``--out`` sets ``tune.out``).
 TUNE_FLAGS = ("space", "trials", "workers_per_trial", "gpus_per_trial", "cpus_per_trial", "concurrency", "searcher",
-              "scheduler", "reduction_factor", "startup_trials", "storage", "name", "model_name")
+              "scheduler", "reduction_factor", "startup_trials", "storage", "name", "model_name", "defaults_first", "max_iters")
 
 
 def run_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
@@ -328,6 +331,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if summary["interrupted"]:
         print(f"study {summary['study']} interrupted; continue it with the same command plus --resume", file=sys.stderr)
         return 130
+    if summary["out_of_budget"]:
+        print(f"study {summary['study']}: its budget of {cfg.tune.max_iters} iterations is spent "
+              f"({summary['iterations_spent']} trained over {len(summary['leaderboard'])} trials)")
     registered = summary.get("registered") or {}
     if registered:
         alias = "now champion" if registered["champion_moved"] else "champion unchanged"
@@ -336,7 +342,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"MLflow: mlflow ui --backend-store-uri {summary['tracking_uri']}  (parent run {summary['parent_run_id']})")
     if args.json:
         keys = ("study", "best_trial", "best_method", "best_params", "best_metric", "method_best", "parent_run_id",
-                "tracking_uri", "study_dir")
+                "tracking_uri", "study_dir", "iterations_spent", "out_of_budget")
         print(json.dumps({**{k: summary.get(k) for k in keys}, "model_name": registered.get("model_name"),
                           "model_version": registered.get("version"), "champion_moved": registered.get("champion_moved")}, default=str))
     return 0

@@ -258,7 +258,10 @@ class TuneConfig:
     10); storage: Tune's storage (default: ``out``); name: the study (default ``<dataset>-<method>``, or
     ``<dataset>-methods``); out: folder of studies; model_name: where the champion is registered (default: the
     study name, or the dataset for several methods); methods: two or more methods searched in one study (empty:
-    the config's method). The seed is ``train.seed``, the Ray address ``distributed.address``."""
+    the config's method); defaults_first: the first trial runs the study's own values of the searched
+    hyperparameters (one per method of a multi-method study), so a study can only recommend a config that beat
+    them on its metric; max_iters: the study's iterations over all its trials (0: no cap), after which no trial
+    starts and the running ones stop at their next evaluation. The seed is ``train.seed``, the Ray address ``distributed.address``."""
 
     space: str | None = None
     trials: int = 8
@@ -275,6 +278,8 @@ class TuneConfig:
     out: str = "runs/tune"
     model_name: str | None = None
     methods: tuple[str, ...] = ()
+    defaults_first: bool = True
+    max_iters: int = 0
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -285,6 +290,8 @@ class TuneConfig:
             raise ConfigError(f"tune.searcher: expected optuna, random or grid, got {self.searcher!r}")
         if self.scheduler not in ("asha", "none"):
             raise ConfigError(f"tune.scheduler: expected asha or none, got {self.scheduler!r}")
+        if self.max_iters < 0:
+            raise ConfigError(f"tune.max_iters: must be >= 0 (0: no cap), got {self.max_iters}")
         if self.startup_trials < 0:
             raise ConfigError(f"tune.startup_trials: must be >= 1 (or 0 for the default), got {self.startup_trials}")
         if self.reduction_factor < 2:

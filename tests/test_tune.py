@@ -29,6 +29,7 @@ from raysemi.tuning.study import (
     MethodChoice,
     _check_same_spaces,
     _rows,
+    defaults_points,
     plan_budget,
     quick_settings,
     resolve_methods,
@@ -183,6 +184,69 @@ def test_a_multi_method_space_samples_only_the_chosen_methods_values(tmp_path: P
         assert {k.split("/")[0] for k in trial.params} == {"method", method}
         study.tell(trial, 0.0)
     assert seen == {"mt", "supervised"}
+
+
+def _mt_space(folder: Path, params: dict) -> Path:
+    path = folder / "mt_defaults.yaml"
+    path.write_text(yaml.safe_dump({"metric": "val/miou", "mode": "max", "params": params}))
+    return path
+
+
+def _tune_cfg(**tune: object) -> object:
+    return from_dict({"method": {"name": "mt", "cons_weight": 3.0}, "optim": {"lr": 0.02}, "tune": tune})
+
+
+def _suggested(points: list, spaces: dict, n: int) -> list:
+    """What Ray's OptunaSearch hands the first ``n`` trials, with ``points`` enqueued as the study does."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = next(iter(spaces.values()))
+    multi = len(spaces) > 1
+    searcher = OptunaSearch(space=MethodChoice(spaces) if multi else space.tune_space(), metric="val/miou", mode="max",
+                            sampler=optuna.samplers.RandomSampler(seed=0), points_to_evaluate=points or None)
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+def test_the_first_trial_runs_the_studys_own_values_as_optuna_samples_them(tmp_path: Path) -> None:
+    params = {"cons_weight": {"type": "loguniform", "low": 0.1, "high": 200.0},
+              "rampup_length": {"type": "log1m", "low": 0.1, "high": 0.5},
+              "cons_on_labeled": {"type": "choice", "values": [False, True]},
+              "optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 0.1}}
+    space = load_space(_mt_space(tmp_path, params), "mt")
+    points, notes = defaults_points(_tune_cfg(), {"mt": space})
+    # the --set value 3.0, mt's own rampup 0.2 searched as 1 - 0.2, its default cons_on_labeled, the config's lr
+    assert notes == [] and points == [{"cons_weight": 3.0, "1-rampup_length": 0.8, "cons_on_labeled": False,
+                                       "optim.lr": 0.02}]
+    first, second = _suggested(points, {"mt": space}, 2)
+    assert space.decode(first) == {"cons_weight": 3.0, "rampup_length": pytest.approx(0.2), "cons_on_labeled": False,
+                                   "optim.lr": 0.02}
+    assert second["cons_weight"] != 3.0  # then the searcher samples
+    assert defaults_points(_tune_cfg(defaults_first=False), {"mt": space}) == ([], [])
+    grid = load_space(_mt_space(tmp_path, {"cons_on_labeled": params["cons_on_labeled"]}), "mt")
+    assert defaults_points(_tune_cfg(searcher="grid"), {"mt": grid}) == ([], [])
+
+
+def test_values_outside_the_space_get_no_defaults_trial_and_say_why(tmp_path: Path) -> None:
+    space = load_space(_mt_space(tmp_path, {"cons_weight": {"type": "uniform", "low": 10.0, "high": 50.0}}), "mt")
+    points, notes = defaults_points(_tune_cfg(), {"mt": space})
+    assert points == [] and notes == [f"{space.path}: no defaults trial for mt: cons_weight=3.0 outside the space"]
+
+
+def test_a_multi_method_study_runs_each_methods_defaults_first(tmp_path: Path) -> None:
+    lr = {"optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 0.1}}
+    spaces = {"mt": load_space(_mt_space(tmp_path, {**lr, "cons_weight": {"type": "loguniform", "low": 1.0, "high": 200.0}}), "mt"),
+              "supervised": load_space(_mt_space(tmp_path, lr), "supervised")}
+    cfg = from_dict({"method": {"name": "mt"}, "optim": {"lr": 0.02}, "tune": {"methods": ["mt", "supervised"], "trials": 4}})
+    points, notes = defaults_points(cfg, spaces)
+    mt_weight = METHODS.get("mt").Hyper().cons_weight  # a multi-method study runs every method at its defaults
+    assert notes == [] and points == [{"method": "mt", "mt/optim.lr": 0.02, "mt/cons_weight": mt_weight},
+                                      {"method": "supervised", "supervised/optim.lr": 0.02}]
+    first, second, _ = _suggested(points, spaces, 3)
+    assert first == {"method": "mt", "mt": {"optim.lr": 0.02, "cons_weight": mt_weight}}
+    assert second == {"method": "supervised", "supervised": {"optim.lr": 0.02}}
+    few = from_dict({**{"optim": {"lr": 0.02}}, "tune": {"methods": ["mt", "supervised"], "trials": 3}})
+    assert defaults_points(few, spaces) == ([], ["no defaults trials: 2 methods would take more than half of 3 trials"])
 
 
 def test_method_lists_resolve_and_all_means_every_image_only_method() -> None:
@@ -420,6 +484,38 @@ def test_interrupted_multi_method_study_resumes_and_registers_its_champion_with_
     champion = MlflowClient(uri).get_model_version_by_alias("synthetic", "champion")
     assert champion.tags["raysemi.method"] == summary["best_method"] and str(champion.version) == summary["model_version"]
     assert "method" in (study_dir / "methods.csv").read_text().splitlines()[0]
+
+
+def test_the_budget_counts_what_a_resumed_studys_trials_reported_before(tmp_path: Path) -> None:
+    from raysemi.tuning.budget import StudyBudget
+
+    for trial, iterations in (("a", [5, 10]), ("b", [5])):
+        folder = tmp_path / f"run_trial_{trial}"
+        folder.mkdir()
+        (folder / "result.json").write_text("".join(json.dumps({"trial_id": trial, "iteration": i}) + "\n" for i in iterations))
+    budget = StudyBudget(tmp_path, max_iters=20)
+    assert not budget.stop_all() and budget.spent() == 15
+    assert budget("b", {"iteration": 10}) is False and budget.spent() == 20 and budget.stop_all()
+
+
+@pytest.mark.ray
+def test_a_budgeted_study_runs_the_defaults_first_and_stops_when_its_iterations_are_spent(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space = tmp_path / "lr.yaml"  # supervised's own lr (0.01) is one of the choices, so it is tried first
+    space.write_text(yaml.safe_dump({**SPACE, "params": {"optim.lr": {"type": "choice", "values": [1.0e-5, 0.01]}}}))
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    argv = ["tune", "--method", "supervised", "--trials", "4", "--iters", "10", "--set", "train.eval_every=5",
+            "--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--concurrency", "1",
+            "--searcher", "random", "--scheduler", "none", "--max-iters", "15", "--space", str(space),
+            "--out", str(tmp_path), "--tracking-uri", uri, "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["out_of_budget"] and summary["iterations_spent"] == 15  # 10 + 5: the second trial stopped at 5
+    assert "budget of 15 iterations is spent" in out and summary["model_version"] is not None
+    results = sorted(Path(summary["study_dir"]).glob("run_trial_*/result.json"), key=lambda p: p.stat().st_ctime)
+    first = [json.loads(line) for line in results[0].read_text().splitlines()]
+    assert first[0]["config"] == {"optim.lr": 0.01} and first[-1]["iteration"] == 10
 
 
 def _complete_optuna_trials(db: Path) -> int:

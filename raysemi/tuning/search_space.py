@@ -103,6 +103,22 @@ class SearchSpace:
             values[p.name] = 1.0 - float(value) if p.type == "log1m" else value
         return values
 
+    def encode(self, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``{name: value}`` in the method's own terms -> a point as Tune and Optuna sample it (``decode``'s
+        inverse), and the ``name=value`` entries that lie outside the space (a point Optuna should not be given)."""
+        point: dict[str, Any] = {}
+        outside = []
+        for p in self.params:
+            value = values[p.name]
+            if p.type == "choice":
+                inside = value in p.values
+            else:
+                inside = _is_number(value) and float(p.low) <= float(value) <= float(p.high)  # type: ignore[arg-type]
+            if not inside:
+                outside.append(f"{p.name}={value!r}")
+            point[p.sampled_name] = 1.0 - float(value) if p.type == "log1m" else value
+        return point, outside
+
     def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Nested config overrides for one trial (``{"method": {"xi": 0.5}, "optim": {"lr": 0.003}}``)."""
         keys = {p.name: p.key for p in self.params}

@@ -163,6 +163,42 @@ def _suggest(trial: Any, name: str, p: Param) -> None:
         trial.suggest_categorical(name, list(p.values))
 
 
+def defaults_points(cfg: Config, spaces: dict[str, SearchSpace]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The trials a study runs first when ``tune.defaults_first``: each method's own values (hyperparameter
+    defaults under the study's config) of what its space searches, as Optuna samples them; and one note per
+    method that gets none because a value lies outside its space. A multi-method study gets one per method, or
+    none when they would take more than half of its trials. A grid already fixes every trial, so it gets none."""
+    opts = cfg.tune
+    if not opts.defaults_first or opts.searcher == "grid":
+        return [], []
+    multi = len(spaces) > 1
+    if multi and 2 * len(spaces) > opts.trials:
+        return [], [f"no defaults trials: {len(spaces)} methods would take more than half of {opts.trials} trials"]
+    points, notes = [], []
+    for method, space in spaces.items():
+        point, outside = space.encode(own_values(_method_config(cfg, method, multi), space))
+        if outside:
+            notes.append(f"{space.path}: no defaults trial for {method}: {', '.join(outside)} outside the space")
+        elif multi:
+            points.append({METHOD_KEY: method, **{f"{method}/{k}": v for k, v in point.items()}})
+        else:
+            points.append(point)
+    return points, notes
+
+
+def own_values(cfg: Config, space: SearchSpace) -> dict[str, Any]:
+    """What a trial with nothing sampled would run with, for each parameter of ``space``."""
+    from raysemi.methods import METHODS
+    from raysemi.methods.base import build_hparams
+
+    hyper = build_hparams(METHODS.get(cfg.method_name), cfg.method_params)
+    values = {}
+    for p in space.params:
+        section, field = p.key.split(".", 1)
+        values[p.name] = getattr(hyper if section == "method" else getattr(cfg, section), field)
+    return values
+
+
 def trial_choice(config: dict[str, Any], spaces: dict[str, SearchSpace]) -> tuple[str, dict[str, Any]]:
     """A trial's method and its sampled values (as ``SearchSpace.decode`` reads them), single- or multi-method."""
     if len(spaces) == 1:
@@ -338,11 +374,14 @@ def _run(cfg: Config, resume: bool, base: Config, spaces: dict[str, SearchSpace]
     grid = tuner.fit()
     space = next(iter(spaces.values()))
     rows = _rows(grid, spaces, budget)
-    finished = grid.num_terminated + grid.num_errors == opts.trials
+    spent = sum(r.iterations for r in rows)
+    out_of_budget = 0 < opts.max_iters <= spent  # the study's budget stopped it (StudyBudget)
+    finished = grid.num_terminated + grid.num_errors == opts.trials or out_of_budget
     summary = {"study": name, "study_dir": str(study_dir), "method": ",".join(spaces), "dataset": cfg.data.dataset,
                "tracking_uri": study["tracking_uri"], "parent_run_id": study["parent_run_id"], "experiment": base.tracking.experiment,
                "metric": space.metric, "mode": space.mode, "budget": asdict(budget), "concurrency": concurrency,
-               "leaderboard": [asdict(r) for r in rows], "interrupted": not finished}
+               "leaderboard": [asdict(r) for r in rows], "iterations_spent": spent,
+               "out_of_budget": out_of_budget, "interrupted": not finished}
     if not finished:
         return summary
     from raysemi.tuning import study_report
@@ -392,6 +431,7 @@ def _open_study_record(study_dir: Path, cfg: Config, resume: bool, spaces: dict[
               "scheduler": opts.scheduler, "trials": opts.trials, "iters": budget.iters,
               "eval_every": budget.eval_every, "asha_max_t": budget.max_t, "asha_grace": budget.grace,
               "asha_reduction_factor": opts.reduction_factor, "tpe_startup_trials": startup_trials(opts),
+              "defaults_first": opts.defaults_first, "max_iters": opts.max_iters,
               "warmup_fraction": budget.warmup,
               "workers_per_trial": opts.workers_per_trial, "gpus_per_trial": opts.gpus_per_trial,
               "concurrency": opts.concurrency, "seed": cfg.train.seed, "model": cfg.model.name,
@@ -474,6 +514,7 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
     from ray.tune.search.optuna import OptunaSearch
 
     from raysemi.engine.distributed import resolve_storage
+    from raysemi.tuning.budget import StudyBudget
 
     if resume:
         return tune.Tuner.restore(str(study_dir), trainable=trainable, resume_errored=True)
@@ -489,8 +530,11 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
         sampler = optuna.samplers.RandomSampler(seed=cfg.train.seed)
     storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / OPTUNA_FILE}")
     multi = len(spaces) > 1
+    points, notes = defaults_points(cfg, spaces)
+    for note in notes:
+        print(f"raysemi tune: {note}", flush=True)
     searcher = OptunaSearch(space=MethodChoice(spaces) if multi else None, metric=space.metric, mode=space.mode,
-                            sampler=sampler, storage=storage, study_name=name)
+                            sampler=sampler, storage=storage, study_name=name, points_to_evaluate=points or None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=budget.max_t, grace_period=budget.grace,
                                reduction_factor=opts.reduction_factor)
                  if opts.scheduler == "asha" else FIFOScheduler())
@@ -500,6 +544,7 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=cfg.distributed.max_failures),
+        stop=StudyBudget(study_dir, opts.max_iters) if opts.max_iters else None,
         verbose=1,
     )
     tune_config = tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher, scheduler=scheduler,
