@@ -10,6 +10,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
+import raysemi.methods.gcl as gcl_module
 from raysemi.config import apply_overrides, from_dict
 from raysemi.errors import ConfigError
 from raysemi.methods import Progress, build_method, checked_config
@@ -386,3 +387,30 @@ def test_values_the_old_checks_accepted_fail_at_config_load(setting: str, key: s
     values = apply_overrides({"method": {"name": "gcl"}}, [f"method.{setting}"])
     with pytest.raises(ConfigError, match=rf"^method\.{key}: expected [^\n]*$"):
         checked_config(from_dict(values))
+
+
+def _forward_counts(method: torch.nn.Module) -> dict[str, int]:
+    counts = {"net1": 0, "net2": 0}
+    for name in counts:
+        getattr(method, name).register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
+@pytest.mark.parametrize(("dropout", "forwards"), [(0.0, 1), (0.5, 2)])
+def test_a_task_model_without_dropout_runs_once_per_step(dropout: float, forwards: int) -> None:
+    method = _build(dropout=dropout)
+    counts = _forward_counts(method)
+    _step(method)
+    assert counts == {"net1": forwards, "net2": forwards}
+
+
+def test_sharing_the_forward_leaves_every_loss_as_the_two_forward_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without dropout the step-0 forward equals the step-1 one (BatchNorm uses batch statistics), so the shared
+    # forward changes no loss; only the running statistics see the batch once instead of twice
+    shared = _step(_build(dropout=0.0))
+    monkeypatch.setattr(gcl_module, "draws_dropout", lambda module: True)
+    twice = _step(_build(dropout=0.0))
+    for key in shared.losses:
+        torch.testing.assert_close(shared.losses[key], twice.losses[key])
+    for key in ("flaw_mean", "fc_mask_ratio", "loss_dc", "loss_fc"):
+        assert shared.logs[key] == pytest.approx(twice.logs[key], rel=1e-6, abs=1e-9)

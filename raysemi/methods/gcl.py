@@ -24,6 +24,7 @@ from raysemi.methods.base import (
 )
 from raysemi.methods.components import (
     cross_entropy,
+    draws_dropout,
     dropout_off,
     frozen,
     mse_prob,
@@ -128,7 +129,8 @@ class GuidedCollaborativeTraining(Method):
     Two task models T1, T2 (two ``model_factory()`` calls) and a flaw detector F that regresses, per pixel, how
     wrong a prediction is. One step, on X = labelled + unlabelled weak views:
     0. no grad, the task models' dropout off (``dropout_off``; BatchNorm in train mode, as in the reference):
-       ``P_k = softmax(T_k(X))``; with grad on F: ``M_k = F(X, P_k)``; handled maps ``N_k``; DC targets
+       ``P_k = softmax(T_k(X))`` (a task model without dropout runs once per step: ``P_k`` is its step-1 output,
+       detached, as in the reference); with grad on F: ``M_k = F(X, P_k)``; handled maps ``N_k``; DC targets
        ``G_k`` (T_k keeps ``P_k`` where its saturated flaw map ``N'_k`` is not above the other's, else copies
        ``P_other``) and ``S = 1[N_1 > xi] * 1[N_2 > xi]``.
     1. task models, F frozen (``requires_grad_(False)``, restored after): fresh forwards,
@@ -163,7 +165,8 @@ class GuidedCollaborativeTraining(Method):
     given the weights; ours may have some (tiny: Dropout2d before the classifier; DeepLabV3+: dropout 0.5 in
     ASPP; lraspp_mobilenet_v3: none), and with it every target (M_k, G_k, S, D_k) would be one random dropout
     draw. BatchNorm keeps train mode there (batch statistics, running-stat updates), as in the reference; the
-    trained forwards of step 1 keep dropout on. (4) F's BatchNorm half is plain BatchNorm (the reference uses
+    trained forwards of step 1 keep dropout on. Only a model with dropout pays for the extra forward (and its
+    BatchNorm running statistics see each batch twice); one without shares it, as the reference does. (4) F's BatchNorm half is plain BatchNorm (the reference uses
     synchronised BN; converting is the distributed layer's choice). (5) Ramp-up length as a fraction of
     iterations instead of epochs. (6) The detector width multiplier and min input are additions (defaults:
     the paper's width, no upsampling).
@@ -230,7 +233,13 @@ class GuidedCollaborativeTraining(Method):
         images = torch.cat([labeled.images, unlabeled.images])
         nets = (self.net1, self.net2)
 
-        probs = self.target_predictions(images)
+        if draws_dropout(self.net1) or draws_dropout(self.net2):
+            probs = self.target_predictions(images)
+            logits: list[torch.Tensor] | None = None
+        else:
+            # without dropout, step 0's forward is step 1's: one forward per task model, as in the reference
+            logits = [net(images) for net in nets]
+            probs = (logits[0].detach().softmax(dim=1), logits[1].detach().softmax(dim=1))
         flaw_maps = [self.detector(images, p) for p in probs]
         with torch.no_grad():
             flaws = tuple(handle_flaw_map(m, self.flaw_blur_size) for m in flaw_maps)
@@ -239,11 +248,11 @@ class GuidedCollaborativeTraining(Method):
         ramp = rampup("sigmoid", progress.fraction, hp.dc_rampup)
         sup, fc, dc = [], [], []
         with frozen(self.detector):
-            for net, target in zip(nets, dc_targets, strict=True):
-                logits = net(images)
-                sup.append(cross_entropy(logits[:n_l], labeled.masks))
-                fc.append(hp.lambda_fc * (both_flawed * self.detector(images, logits.softmax(dim=1)) ** 2).mean())
-                dc.append(ramp * hp.lambda_dc * mse_prob(logits, target))
+            for k, (net, target) in enumerate(zip(nets, dc_targets, strict=True)):
+                out = logits[k] if logits is not None else net(images)
+                sup.append(cross_entropy(out[:n_l], labeled.masks))
+                fc.append(hp.lambda_fc * (both_flawed * self.detector(images, out.softmax(dim=1)) ** 2).mean())
+                dc.append(ramp * hp.lambda_dc * mse_prob(out, target))
 
         with torch.no_grad():
             targets = [self.flaw_targets(p[:n_l], labeled.masks) for p in probs]

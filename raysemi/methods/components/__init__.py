@@ -31,7 +31,7 @@ from raysemi.methods.components.masks import (
     mix_with_next,
     paste_by_class,
 )
-from raysemi.methods.components.modes import dropout_off, frozen
+from raysemi.methods.components.modes import draws_dropout, dropout_off, frozen
 from raysemi.methods.components.teacher import (
     RAMPUPS,
     MeanTeacherMethod,
@@ -42,4 +42,4 @@ from raysemi.methods.components.teacher import (
     run_scaled_decay,
 )
 
-__all__ = ['rampup', 'make_teacher', 'ema_decay_at', 'run_scaled_decay', 'ema_update', 'MeanTeacherMethod', 'RAMPUPS', 'cross_entropy', 'soft_cross_entropy', 'mse_prob', 'ohem_cross_entropy', 'confidence_mask', 'pseudo_labels', 'pseudo_label_accuracy', 'cutmix_box_masks', 'mix', 'mix_with_next', 'classmix_masks', 'paste_by_class', 'component_box_mask', 'world_size', 'all_reduce_mean', 'all_reduce_sum', 'all_gather_cat', 'canonical_to_crop', 'crop_to_canonical', 'dropout_off', 'frozen', 'EMA_BUFFERS', 'BoxMaskHyper', 'ConfidenceGateHyper', 'EmaTeacherHyper', 'OhemHyper', 'RampUpHyper']
+__all__ = ['rampup', 'make_teacher', 'ema_decay_at', 'run_scaled_decay', 'ema_update', 'MeanTeacherMethod', 'RAMPUPS', 'cross_entropy', 'soft_cross_entropy', 'mse_prob', 'ohem_cross_entropy', 'confidence_mask', 'pseudo_labels', 'pseudo_label_accuracy', 'cutmix_box_masks', 'mix', 'mix_with_next', 'classmix_masks', 'paste_by_class', 'component_box_mask', 'world_size', 'all_reduce_mean', 'all_reduce_sum', 'all_gather_cat', 'canonical_to_crop', 'crop_to_canonical', 'draws_dropout', 'dropout_off', 'frozen', 'EMA_BUFFERS', 'BoxMaskHyper', 'ConfidenceGateHyper', 'EmaTeacherHyper', 'OhemHyper', 'RampUpHyper']

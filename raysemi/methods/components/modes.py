@@ -12,6 +12,11 @@ from torch import nn
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def draws_dropout(module: nn.Module) -> bool:
+    """Whether a train-mode forward of ``module`` drops anything at random (a dropout layer with ``p > 0``)."""
+    return any(isinstance(m, DROPOUT_LAYERS) and m.p > 0 for m in module.modules())
+
+
 @contextmanager
 def dropout_off(module: nn.Module) -> Iterator[None]:
     """Dropout layers of ``module`` are the identity inside the block; every other layer keeps its mode, so
