@@ -22,9 +22,11 @@ tune: setup
 train: setup
 	$(BIN)/raysemi train --method mt --dataset synthetic
 
+# Two test workers share the cores at equal priority: there, waiting threads that sleep beat spinning ones
+# (BENCHMARKS.md section 3).
 test: setup
 	$(BIN)/ruff check raysemi tests benchmarks
-	$(BIN)/pytest -q -n 2 --dist loadscope --durations=15
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n 2 --dist loadscope --durations=15
 
 # Only the simulated autoscaling cluster's end-to-end tests (scale-up from zero, a lost node, scale-down; also in
 # make test), about 2-4 minutes.
