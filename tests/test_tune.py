@@ -501,8 +501,10 @@ def test_the_budget_counts_what_a_resumed_studys_trials_reported_before(tmp_path
 @pytest.mark.ray
 def test_a_budgeted_study_runs_the_defaults_first_and_stops_when_its_iterations_are_spent(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    space = tmp_path / "lr.yaml"  # supervised's own lr (0.01) is one of the choices, so it is tried first
-    space.write_text(yaml.safe_dump({**SPACE, "params": {"optim.lr": {"type": "choice", "values": [1.0e-5, 0.01]}}}))
+    # supervised's own lr (0.01) lies inside a continuous range, so only the defaults trial can run it exactly (a
+    # choice that includes it would let the searcher draw it again and make the trials indistinguishable)
+    space = tmp_path / "lr.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "params": {"optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 0.1}}}))
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     argv = ["tune", "--method", "supervised", "--trials", "4", "--iters", "10", "--set", "train.eval_every=5",
             "--set", "data.synthetic_train=32", "--set", "data.synthetic_val=8", "--concurrency", "1",
@@ -513,9 +515,12 @@ def test_a_budgeted_study_runs_the_defaults_first_and_stops_when_its_iterations_
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["out_of_budget"] and summary["iterations_spent"] == 15  # 10 + 5: the second trial stopped at 5
     assert "budget of 15 iterations is spent" in out and summary["model_version"] is not None
-    results = sorted(Path(summary["study_dir"]).glob("run_trial_*/result.json"), key=lambda p: p.stat().st_ctime)
-    first = [json.loads(line) for line in results[0].read_text().splitlines()]
-    assert first[0]["config"] == {"optim.lr": 0.01} and first[-1]["iteration"] == 10
+    trials = {}  # lr -> last iteration, one entry per trial
+    for path in Path(summary["study_dir"]).glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        trials[rows[0]["config"]["optim.lr"]] = rows[-1]["iteration"]
+    # one trial at a time: the one that trained all 10 iterations ran first, and it is the defaults trial
+    assert len(trials) == 2 and trials.pop(0.01) == 10 and list(trials.values()) == [5]
 
 
 def _complete_optuna_trials(db: Path) -> int:
