@@ -10,6 +10,8 @@ the rest is reported. Run it on an idle machine: the methods run one after anoth
 changes the ratios.
 
     python benchmarks/method_cost.py --iters 25 --md benchmarks/results/method_cost.md
+A variant is a named row of one method with config overrides, e.g. gcl with the narrow detector the CamVid rows use:
+    python benchmarks/method_cost.py --methods gcl_narrow --variant gcl_narrow=gcl:method.detector_width=0.25
 Smoke run:
     python benchmarks/method_cost.py --methods supervised mt --model tiny --size 32 --iters 4 --warmup 1 --md /tmp/mc.md
 """
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_method(args: argparse.Namespace) -> None:
     """In the child: train ``args.method`` for ``args.iters`` steps and print the step times as JSON."""
-    from raysemi.config import from_dict
+    from raysemi.config import apply_overrides, from_dict
     from raysemi.engine.loop import Callback, fit
 
     ends: list[float] = []
@@ -47,7 +49,7 @@ def run_method(args: argparse.Namespace) -> None:
             ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="method_cost_") as out:
-        cfg = from_dict({
+        cfg = from_dict(apply_overrides({
             "method": {"name": args.method},
             "model": {"name": args.model},
             "data": {"dataset": "synthetic", "synthetic_size": args.size, "crop_size": args.size,
@@ -56,22 +58,45 @@ def run_method(args: argparse.Namespace) -> None:
                       "eval_every": 0, "checkpoint_every": 0},
             "tracking": {"enabled": False},
             "out": out,
-        })
+        }, args.set))
         fit(cfg, callbacks=[StepClock()])
     steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     print(json.dumps({"steps": steps}))
 
 
-def measure(args: argparse.Namespace, method: str) -> dict[str, Any]:
+def resolve_variant(row: str, variants: dict[str, str]) -> tuple[str, list[str]]:
+    """(registered method name, config overrides) of a row name: a ``--variant`` or a method itself."""
+    name, _, sets = variants.get(row, row).partition(":")
+    return name, [item for item in sets.split(",") if item]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def measure(args: argparse.Namespace, row: str, variants: dict[str, str]) -> dict[str, Any]:
+    method, overrides = resolve_variant(row, variants)
     cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--size", *map(str, args.size),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--iters", str(args.iters)]
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--iters", str(args.iters),
+           *[arg for item in overrides for arg in ("--set", item)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     stdout = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"method_cost: {method} failed (exit {os.waitstatus_to_exitcode(status)})")
+        raise SystemExit(f"method_cost: {row} failed (exit {os.waitstatus_to_exitcode(status)})")
     steps = json.loads(stdout.strip().splitlines()[-1])["steps"][args.warmup:]
-    return {"method": method, "step_s": statistics.median(steps), "spread": (min(steps), max(steps)),
+    return {"method": row, "step_s": statistics.median(steps), "spread": (min(steps), max(steps)),
             "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
@@ -84,7 +109,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) ->
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch "
+        f"Commit `{git_commit()}`. Machine: {cpu_model()}, {os.cpu_count()} cores visible, torch "
         f"{torch.__version__}, load average before the run {args.load_before}; `{args.model}` at "
         f"{args.size[0]}x{args.size[1]}, {args.batch_size} labelled + {args.batch_size} unlabelled images per step, "
         f"{args.threads} thread(s), median of {args.iters - args.warmup} steps after {args.warmup} warm-up.",
@@ -108,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE,...",
+                        help="a named row: a method with config overrides")
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the child's overrides
     parser.add_argument("--md", default=str(ROOT / "benchmarks" / "results" / "method_cost.md"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -119,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup must be below --iters")
     from raysemi.methods import METHODS
 
+    variants = dict(item.split("=", 1) for item in args.variant)
     methods = METHODS.names() if args.methods == ["all"] else args.methods
     methods = ["supervised", *[m for m in methods if m != "supervised"]]
+    unknown = [m for m in methods if resolve_variant(m, variants)[0] not in METHODS.names()]
+    if unknown:
+        parser.error(f"unknown method or variant: {', '.join(unknown)}")
     args.load_before = f"{os.getloadavg()[0]:.2f}"
     command = " ".join(["python", "benchmarks/method_cost.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     rows = []
     for method in methods:
-        rows.append(measure(args, method))
+        rows.append(measure(args, method, variants))
         print(f"{method}: {rows[-1]['step_s']:.3f} s/step, {rows[-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     text = table(rows, args, command)
     print(text)
