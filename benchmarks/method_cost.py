@@ -80,11 +80,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
-
-
 def measure(args: argparse.Namespace, row: str, variants: dict[str, str]) -> dict[str, Any]:
     method, overrides = resolve_variant(row, variants)
     cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--size", *map(str, args.size),
@@ -103,13 +98,15 @@ def measure(args: argparse.Namespace, row: str, variants: dict[str, str]) -> dic
 def table(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     import torch
 
+    from raysemi.engine.provenance import git_commit
+
     base = next(r for r in rows if r["method"] == "supervised")
     lines = [
         "# Per-method step cost (one method at a time)",
         "",
         f"Command: `{command}`",
         "",
-        f"Commit `{git_commit()}`. Machine: {cpu_model()}, {os.cpu_count()} cores visible, torch "
+        f"Commit `{(git_commit() or 'unknown')[:7]}`. Machine: {cpu_model()}, {os.cpu_count()} cores visible, torch "
         f"{torch.__version__}, load average before the run {args.load_before}; `{args.model}` at "
         f"{args.size[0]}x{args.size[1]}, {args.batch_size} labelled + {args.batch_size} unlabelled images per step, "
         f"{args.threads} thread(s), median of {args.iters - args.warmup} steps after {args.warmup} warm-up.",
