@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -70,16 +69,6 @@ def resolve_variant(row: str, variants: dict[str, str]) -> tuple[str, list[str]]
     return name, [item for item in sets.split(",") if item]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure(args: argparse.Namespace, row: str, variants: dict[str, str]) -> dict[str, Any]:
     method, overrides = resolve_variant(row, variants)
     cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--size", *map(str, args.size),
@@ -98,7 +87,7 @@ def measure(args: argparse.Namespace, row: str, variants: dict[str, str]) -> dic
 def table(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     import torch
 
-    from raysemi.engine.provenance import git_commit
+    from raysemi.engine.provenance import cpu_model, git_commit
 
     base = next(r for r in rows if r["method"] == "supervised")
     lines = [

@@ -86,6 +86,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out: Path, variant
         "seed": seed,
         "commit": args.commit,
         "split_digest": summary["split_digest"],
+        "cpu": args.cpu,
         "iters": summary["iterations"],
         "labeled": summary["labeled"],
         "eval_mode": summary["eval_mode"],
@@ -185,6 +186,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     variants = dict(item.split("=", 1) for item in args.variant)
     args.commit = git_commit()
+    from raysemi.engine.provenance import cpu_model
+
+    args.cpu = cpu_model()
     results_file = out / "results.jsonl"
     previous = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     done = {(r["method"], r["seed"]) for r in previous if "error" not in r}

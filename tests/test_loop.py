@@ -60,7 +60,7 @@ def test_run_folder_records_what_reproduces_it(tmp_path: Path) -> None:
     assert {"config.yaml", "provenance.json", "split"} <= {p.name for p in out.iterdir()}
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["split_digest"] == summary["split_digest"]
-    assert "torch" in provenance["versions"]
+    assert "torch" in provenance["versions"] and provenance["cpu"]
     assert (out / "split" / "labeled.txt").read_text().strip()
     assert summary["images_per_s"] > 0 and summary["losses_mean"]["loss/sup"] > 0
 

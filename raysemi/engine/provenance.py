@@ -26,6 +26,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_model() -> str:
+    """The processor's model name. Runs on different CPUs are not bit-identical (their kernels differ, e.g. AMX against
+    AVX-512), so two rows that should match can only be compared where this matches too."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
@@ -51,6 +63,7 @@ def provenance(split_digest: str, weights: str | None = None) -> dict[str, Any]:
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "split_digest": split_digest,
     }
     if weights is not None:
