@@ -3,7 +3,7 @@
 Rule (fixed before any study of BENCHMARKS.md section 5 ended): among the trials that ran the whole budget, the one
 with the highest mean val mIoU over its last three evaluations. `run_methods.py` reports the last iteration's net,
 and one evaluation on CamVid's 101 val frames moves by about 2 points. Writes `selection.json` in the study folder:
-every trial's iterations, last-3 mean, best val and config, and the study's total iterations.
+every trial's start order, iterations, last-3 mean, best val and config, and the study's total iterations.
 
     python benchmarks/select_tuned.py runs/tune/camvid-mt --iters 1000
 """
@@ -18,18 +18,26 @@ from pathlib import Path
 RULE = "complete trials only; highest mean val mIoU over the last three evaluations"
 
 
+def start_order(folder: Path) -> int:
+    """Tune names a trial's folder ``<trainable>_<id>_<n>_<params>...`` with ``n`` its place in start order (1 is a
+    study's first trial: the defaults trial where ``defaults_first`` is on). A trial's first report is not that
+    order: of two trials started together, either may report first."""
+    parts = folder.name.split("_")
+    return int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+
+
 def trial_rows(study: Path) -> list[dict]:
     trials = []
-    for folder in sorted(study.glob("run_trial_*")):
+    for folder in study.glob("run_trial_*"):
         results = folder / "result.json"
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
         if not rows:
             continue
         vals = [r["val/miou"] for r in rows]
-        trials.append({"trial": rows[-1]["trial_id"], "iterations": rows[-1]["iteration"],
+        trials.append({"trial": rows[-1]["trial_id"], "order": start_order(folder), "iterations": rows[-1]["iteration"],
                        "last3": statistics.mean(vals[-3:]), "best_val": max(vals),
-                       "config": json.loads((folder / "params.json").read_text()), "started": rows[0]["timestamp"]})
-    return sorted(trials, key=lambda t: t["started"])
+                       "config": json.loads((folder / "params.json").read_text())})
+    return sorted(trials, key=lambda t: t["order"])
 
 
 def overrides(config: dict) -> str:
