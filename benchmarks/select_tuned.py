@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
 RULE = "complete trials only; highest mean val mIoU over the last three evaluations"
 
 
+TRIAL_FOLDER = re.compile(r"run_trial_[0-9a-f]+_(\d+)_")
+
+
 def start_order(folder: Path) -> int:
-    """Tune names a trial's folder ``<trainable>_<id>_<n>_<params>...`` with ``n`` its place in start order (1 is a
+    """Tune names a trial's folder ``run_trial_<id>_<n>_<params>...`` with ``n`` its place in start order (1 is a
     study's first trial: the defaults trial where ``defaults_first`` is on). A trial's first report is not that
     order: of two trials started together, either may report first."""
-    parts = folder.name.split("_")
-    return int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+    found = TRIAL_FOLDER.match(folder.name)
+    return int(found.group(1)) if found else 0
 
 
 def trial_rows(study: Path) -> list[dict]:
