@@ -289,27 +289,47 @@ def test_resuming_with_a_changed_space_names_the_changed_parameter(tmp_path: Pat
         _check_same_spaces(saved, {"mt": space.as_dict()}, {"mt": space}, tmp_path)
 
 
-def test_a_trial_that_never_reported_is_not_started_not_early_stopped(tmp_path: Path) -> None:
-    """A study stopped while a trial's actor was still starting: Ray restores that trial with its id and config but
-    no iteration, which the leaderboard called early-stopped (ASHA never stopped it)."""
+def _grid_of(tmp_path: Path, trials: dict[str, dict]) -> list:
+    """Stand-ins for Tune's results: a trial id -> its last result (what ``_rows`` reads)."""
     from types import SimpleNamespace
 
     import pandas as pd
 
+    def result(trial_id: str, last: dict) -> SimpleNamespace:
+        reported = pd.DataFrame({"val/miou": [0.3], "iteration": [last["iteration"]], "timestamp": [1.0]}) if last.get("iteration") else None
+        return SimpleNamespace(metrics_dataframe=reported, metrics={"trial_id": trial_id, **last}, path=str(tmp_path / trial_id),
+                               error=None, get_best_checkpoint=lambda metric, mode: None)
+
+    return [result(trial_id, last) for trial_id, last in trials.items()]
+
+
+def test_a_trial_that_never_reported_is_not_started_not_early_stopped(tmp_path: Path) -> None:
+    """A study stopped while a trial's actor was still starting: Ray restores that trial with its id and config but
+    no iteration, which the leaderboard called early-stopped (ASHA never stopped it)."""
     space = load_space(default_space_path("supervised"), "supervised")
     sampled = {name: 0.01 for name in (p.name for p in space.params)}
-    reported = pd.DataFrame({"val/miou": [0.3], "iteration": [2], "timestamp": [1.0]})
-
-    def result(name: str, metrics: dict, df: object) -> SimpleNamespace:
-        return SimpleNamespace(metrics_dataframe=df, metrics=metrics, path=str(tmp_path / name), error=None,
-                               get_best_checkpoint=lambda metric, mode: None)
-
-    grid = [result("started", {"trial_id": "a", "config": sampled}, None),
-            result("stopped", {"trial_id": "b", "config": sampled, "iteration": 2}, reported),
-            result("done", {"trial_id": "c", "config": sampled, "iteration": 4}, reported)]
+    grid = _grid_of(tmp_path, {"a": {"config": sampled}, "b": {"config": sampled, "iteration": 2, "done": True},
+                               "c": {"config": sampled, "iteration": 4, "done": True}})
     budget = Budget(iters=4, eval_every=2, max_t=2, grace=1, warmup=0.0)
     status = {row.trial_id: row.status for row in _rows(grid, {"supervised": space}, budget)}
     assert status == {"a": "not-started", "b": "early-stopped", "c": "completed"}
+
+
+def test_only_a_trial_asha_stopped_is_early_stopped(tmp_path: Path) -> None:
+    """Tune marks the last result ``done`` when ASHA stops a trial, and not when the study ends under it (an interrupt,
+    or the study budget's ``stop_all``); the leaderboard called all three early-stopped."""
+    space = load_space(default_space_path("supervised"), "supervised")
+    sampled = {name: 0.01 for name in (p.name for p in space.params)}
+    trials = {"cut": {"config": sampled, "iteration": 2, "done": True}, "running": {"config": sampled, "iteration": 2},
+              "full": {"config": sampled, "iteration": 4, "done": True}}
+    budget = Budget(iters=4, eval_every=2, max_t=2, grace=1, warmup=0.0)
+
+    def statuses(max_iters: int) -> dict[str, str]:
+        return {row.trial_id: row.status for row in _rows(_grid_of(tmp_path, trials), {"supervised": space}, budget, max_iters)}
+
+    assert statuses(0) == {"cut": "early-stopped", "running": "interrupted", "full": "completed"}
+    assert statuses(8) == {"cut": "early-stopped", "running": "budget-stopped", "full": "completed"}  # 2 + 2 + 4 spent
+    assert statuses(9)["running"] == "interrupted"  # budget not spent: the study was interrupted
 
 
 def test_the_method_leaderboard_keeps_each_methods_best_trial(tmp_path: Path) -> None:
@@ -515,6 +535,8 @@ def test_a_budgeted_study_runs_the_defaults_first_and_stops_when_its_iterations_
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["out_of_budget"] and summary["iterations_spent"] == 15  # 10 + 5: the second trial stopped at 5
     assert "budget of 15 iterations is spent" in out and summary["model_version"] is not None
+    # the budget, not ASHA (there is none here), stopped the second trial
+    assert "budget-stopped" in out and "early-stopped" not in out
     trials = {}  # lr -> last iteration, one entry per trial
     for path in Path(summary["study_dir"]).glob("run_trial_*/result.json"):
         rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -32,7 +32,7 @@ import gc
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,7 @@ def _run(cfg: Config, resume: bool, base: Config, spaces: dict[str, SearchSpace]
     tuner = _tuner(trainable, base, resume, spaces, budget, name, out, study_dir, concurrency)
     grid = tuner.fit()
     space = next(iter(spaces.values()))
-    rows = _rows(grid, spaces, budget)
+    rows = _rows(grid, spaces, budget, opts.max_iters)
     spent = sum(r.iterations for r in rows)
     out_of_budget = 0 < opts.max_iters <= spent  # the study's budget stopped it (StudyBudget)
     finished = grid.num_terminated + grid.num_errors == opts.trials or out_of_budget
@@ -553,7 +553,7 @@ def _tuner(trainable: Any, cfg: Config, resume: bool, spaces: dict[str, SearchSp
                       run_config=run_config)
 
 
-def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget) -> list[TrialRow]:
+def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget, max_iters: int = 0) -> list[TrialRow]:
     space = next(iter(spaces.values()))
     rows = []
     for result in grid:
@@ -565,13 +565,7 @@ def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget) -> list[Tri
         if df is not None and space.metric in df and df[space.metric].notna().any():
             best = float(df[space.metric].max() if space.mode == "max" else df[space.metric].min())
         iterations = int(metrics.get("iteration", 0) or 0)
-        if result.error is not None:
-            status = "error"
-        elif iterations >= budget.iters:
-            status = "completed"
-        else:
-            # a trial restored from an interrupted study keeps its id and config without having reported
-            status = "early-stopped" if iterations > 0 else "not-started"
+        status = "error" if result.error is not None else _status(iterations, bool(metrics.get("done")), budget.iters)
         checkpoint = None
         with contextlib.suppress(Exception):  # no checkpoint reported: the trial failed before its first eval
             best_ckpt = result.get_best_checkpoint(space.metric, space.mode)
@@ -583,8 +577,22 @@ def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget) -> list[Tri
         started_at = float(df["timestamp"].min()) if df is not None and "timestamp" in df and len(df) else None
         rows.append(TrialRow(trial_id, spaces[method].decode(sampled), best, iterations, status, checkpoint,
                              started_at, method))
+    if 0 < max_iters <= sum(r.iterations for r in rows):  # StudyBudget ended the study: it stopped what still ran
+        rows = [replace(r, status="budget-stopped") if r.status == "interrupted" else r for r in rows]
     rows.sort(key=lambda r: (r.best is None, -(r.best or 0.0) if space.mode == "max" else (r.best or 0.0)))
     return rows
+
+
+def _status(iterations: int, done: bool, budget_iters: int) -> str:
+    """How a trial that did not fail ended. Tune marks a trial's last result ``done`` when the scheduler (ASHA)
+    stops it; a study that ends (an interrupt, or the study budget through ``StudyBudget.stop_all``) stops its running
+    trials without that mark, so those are ``interrupted`` here until ``_rows`` knows the budget was spent."""
+    if iterations >= budget_iters:
+        return "completed"
+    if iterations == 0:
+        # a trial restored from an interrupted study keeps its id and config without having reported
+        return "not-started"
+    return "early-stopped" if done else "interrupted"
 
 
 def format_leaderboard(rows: list[dict[str, Any]], metric: str) -> str:

@@ -14,7 +14,8 @@ import pandas as pd
 
 from raysemi.config import Config
 
-MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "error": "FAILED", "not-started": "KILLED"}
+MLFLOW_STATUS = {"completed": "FINISHED", "early-stopped": "FINISHED", "budget-stopped": "FINISHED", "interrupted": "KILLED",
+                 "error": "FAILED", "not-started": "KILLED"}
 OPTUNA_FILE = "optuna.db"
 
 
