@@ -36,9 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_VARIANTS = {"supervised_all": "supervised:data.labeled=all", "selfcorr_linear": "selfcorr:method.correction=linear"}
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD, with ``-dirty`` when a tracked file outside ``benchmarks/results`` differs from it: a worktree that only
+    carries the results file it appends to (copied in so the runner skips finished rows) runs the commit's code."""
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+                           cwd=root, capture_output=True, text=True)
     return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -1,0 +1,39 @@
+"""benchmarks/run_methods.py records the commit a row ran on: ``-dirty`` only when tracked code differs from it,
+not when the worktree carries a copy of the results file the runner appends to (which every row of stops 29-30
+read as ``d576b60...-dirty``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_methods.py"
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("run_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_changed_results_file_is_not_dirty_and_changed_code_is(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q")
+    (tmp_path / "benchmarks" / "results" / "camvid").mkdir(parents=True)
+    results, code = tmp_path / "benchmarks" / "results" / "camvid" / "results.jsonl", tmp_path / "method.py"
+    results.write_text("{}\n")
+    code.write_text("x = 1\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "rows")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    git_commit = load_runner().git_commit
+    results.write_text("{}\n{}\n")  # the copied, longer results file of a benchmark worktree
+    (tmp_path / "lanes.log").write_text("untracked")
+    assert git_commit(tmp_path) == head
+    code.write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{head}-dirty"
