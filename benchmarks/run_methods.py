@@ -130,7 +130,7 @@ def table(rows: list[dict]) -> str:
     for method, runs in by_method.items():
         mious = [r[score_key] for r in runs]
         mean = statistics.mean(mious)
-        spread = statistics.stdev(mious) if len(mious) > 1 else float("nan")
+        score = f"{100 * mean:.2f} ± {100 * statistics.stdev(mious):.2f}" if len(mious) > 1 else f"{100 * mean:.2f}"
         step = mean_of(runs, "step_seconds")
         delta = f"{100 * (mean - base_miou):+.2f}" if base_miou is not None else "n/a"
         cost = f"{step / base_step:.2f}x" if base_step else "n/a"
@@ -140,7 +140,7 @@ def table(rows: list[dict]) -> str:
             for k in others
         ) or "–"
         lines.append(
-            f"| {method} | {100 * mean:.2f} ± {100 * spread:.2f} | {len(runs)} | {delta} | "
+            f"| {method} | {score} | {len(runs)} | {delta} | "
             f"{runs[0].get('reported_net') or '–'} | {other} | {100 * mean_of(runs, 'val_miou'):.2f} | {cost} | "
             f"{step:.3f} | {max(r['peak_rss_mib'] for r in runs):.0f} |"
         )

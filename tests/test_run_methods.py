@@ -1,6 +1,6 @@
 """benchmarks/run_methods.py records the commit a row ran on: ``-dirty`` only when tracked code differs from it,
 not when the worktree carries a copy of the results file the runner appends to (which every row of stops 29-30
-read as ``d576b60...-dirty``)."""
+read as ``d576b60...-dirty``); its table gives a one-seed row's score without a spread ("± nan" before)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def test_a_changed_results_file_is_not_dirty_and_changed_code_is(tmp_path: Path)
     assert git_commit(tmp_path) == head
     code.write_text("x = 2\n")
     assert git_commit(tmp_path) == f"{head}-dirty"
+
+
+def test_the_table_gives_mean_and_spread_over_seeds_and_one_seed_alone() -> None:
+    def row(method: str, seed: int, test: float) -> dict:
+        return {"method": method, "seed": seed, "test_miou": test, "val_miou": 0.3, "step_seconds": 1.0,
+                "peak_rss_mib": 100.0, "reported_net": "student", "commit": "c", "split_digest": "d", "iters": 10}
+
+    text = load_runner().table([row("supervised", 0, 0.25), row("supervised", 1, 0.27), row("mt_w10", 0, 0.24)])
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 26.00 ± 1.41 | 2 | +0.00 |" in lines["| supervised"]
+    assert "| 24.00 | 1 | -2.00 |" in lines["| mt_w10"] and "nan" not in text
