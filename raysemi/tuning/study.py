@@ -375,7 +375,7 @@ def _run(cfg: Config, resume: bool, base: Config, spaces: dict[str, SearchSpace]
     space = next(iter(spaces.values()))
     rows = _rows(grid, spaces, budget, opts.max_iters)
     spent = sum(r.iterations for r in rows)
-    out_of_budget = 0 < opts.max_iters <= spent  # the study's budget stopped it (StudyBudget)
+    out_of_budget = _budget_spent(rows, opts.max_iters)
     finished = grid.num_terminated + grid.num_errors == opts.trials or out_of_budget
     summary = {"study": name, "study_dir": str(study_dir), "method": ",".join(spaces), "dataset": cfg.data.dataset,
                "tracking_uri": study["tracking_uri"], "parent_run_id": study["parent_run_id"], "experiment": base.tracking.experiment,
@@ -577,10 +577,15 @@ def _rows(grid: Any, spaces: dict[str, SearchSpace], budget: Budget, max_iters: 
         started_at = float(df["timestamp"].min()) if df is not None and "timestamp" in df and len(df) else None
         rows.append(TrialRow(trial_id, spaces[method].decode(sampled), best, iterations, status, checkpoint,
                              started_at, method))
-    if 0 < max_iters <= sum(r.iterations for r in rows):  # StudyBudget ended the study: it stopped what still ran
+    if _budget_spent(rows, max_iters):  # StudyBudget ended the study: it stopped what still ran
         rows = [replace(r, status="budget-stopped") if r.status == "interrupted" else r for r in rows]
     rows.sort(key=lambda r: (r.best is None, -(r.best or 0.0) if space.mode == "max" else (r.best or 0.0)))
     return rows
+
+
+def _budget_spent(rows: list[TrialRow], max_iters: int) -> bool:
+    """Whether the study's ``--max-iters`` budget (0: none) is spent, so ``StudyBudget`` ended the study."""
+    return 0 < max_iters <= sum(r.iterations for r in rows)
 
 
 def _status(iterations: int, done: bool, budget_iters: int) -> str:
