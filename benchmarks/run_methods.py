@@ -147,12 +147,31 @@ def table(rows: list[dict]) -> str:
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines.append(f"| {r['method']} (seed {r['seed']}) | failed: {r['error']} | | | | | | | | |")
+    lines += ["", *seed_noise(by_method, score_key)]
     commits = sorted({r.get("commit", "?") for r in rows if "error" not in r})
     digests = sorted({r.get("split_digest", "?")[:12] for r in rows if "error" not in r and r["method"] != "supervised_all"})
     budgets = sorted({str(r.get("iters", "?")) for r in rows if "error" not in r})
     lines.append("")
     lines.append(f"Commit(s): {', '.join(commits)}; split hash(es): {', '.join(digests)}; iterations: {', '.join(budgets)}.")
     return "\n".join(lines)
+
+
+def seed_noise(by_method: dict[str, list[dict]], score_key: str) -> list[str]:
+    """Which deltas the seeds resolve: each row's difference to supervised on the same seed (same initialisation and
+    batch order) and a two-sided Welch t-test of the row's seeds against supervised's (rows with 2+ seeds)."""
+    from scipy import stats
+
+    base = {r["seed"]: r[score_key] for r in by_method.get("supervised", [])}
+    if len(base) < 2:
+        return []
+    lines = ["| method | Δ vs supervised, seed by seed | Welch p vs supervised |", "|---|---|---|"]
+    for method, runs in by_method.items():
+        if method == "supervised" or len(runs) < 2:
+            continue
+        paired = ", ".join(f"{100 * (r[score_key] - base[r['seed']]):+.2f}" for r in runs if r["seed"] in base) or "–"
+        p_value = stats.ttest_ind([r[score_key] for r in runs], list(base.values()), equal_var=False).pvalue
+        lines.append(f"| {method} | {paired} | {p_value:.3f} |")
+    return lines
 
 
 def main() -> int:

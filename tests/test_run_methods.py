@@ -48,3 +48,16 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_one_seed_alone() -> None
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| 26.00 ± 1.41 | 2 | +0.00 |" in lines["| supervised"]
     assert "| 24.00 | 1 | -2.00 |" in lines["| mt_w10"] and "nan" not in text
+
+
+def test_the_noise_table_gives_seed_by_seed_deltas_and_a_welch_p_value() -> None:
+    def row(method: str, seed: int, test: float) -> dict:
+        return {"method": method, "seed": seed, "test_miou": test, "val_miou": 0.3, "step_seconds": 1.0,
+                "peak_rss_mib": 100.0, "reported_net": "student", "commit": "c", "split_digest": "d", "iters": 10}
+
+    rows = [row("supervised", s, v) for s, v in enumerate([0.01, 0.02, 0.03])]
+    rows += [row("mt", s, v) for s, v in enumerate([0.04, 0.05, 0.06])] + [row("mt_w10", 0, 0.05)]
+    lines = {line.split(" | ")[0]: line for line in load_runner().table(rows).splitlines() if line.startswith("| ")}
+    # by hand: means 2 and 5, both variances 1, so t = 3 / sqrt(2/3) = 3.674 on 4 degrees of freedom: p = 0.0213
+    assert lines["| mt"].endswith("| +3.00, +3.00, +3.00 | 0.021 |")
+    assert lines["| mt_w10"].count("|") == 11  # one seed: its main-table row only, no noise row replaced it
