@@ -6,6 +6,7 @@ and one evaluation on CamVid's 101 val frames moves by about 2 points. Writes `s
 every trial's start order, iterations, last-3 mean, best val and config, and the study's total iterations.
 
     python benchmarks/select_tuned.py runs/tune/camvid-mt --iters 1000
+    python benchmarks/select_tuned.py runs/tune/camvid-methods     # a --methods study: prints METHOD:overrides
 """
 
 from __future__ import annotations
@@ -45,10 +46,18 @@ def trial_rows(study: Path) -> list[dict]:
 
 
 def overrides(config: dict) -> str:
+    """``KEY=VALUE,...`` for a one-method study; ``METHOD:KEY=VALUE,...`` for a ``--methods`` study, whose trial
+    config is ``{"method": M, M: {...}}``: what follows ``NAME=`` in ``run_methods.py --variant NAME=METHOD:...``."""
     def text(value: object) -> str:
         return str(value).lower() if isinstance(value, bool) else f"{value:.6g}" if isinstance(value, float) else str(value)
 
-    return ",".join(f"{key if '.' in key else 'method.' + key}={text(value)}" for key, value in config.items())
+    def pairs(values: dict) -> str:
+        return ",".join(f"{key if '.' in key else 'method.' + key}={text(value)}" for key, value in values.items())
+
+    method = config.get("method")
+    if isinstance(method, str) and isinstance(config.get(method), dict):
+        return f"{method}:{pairs(config[method])}"
+    return pairs(config)
 
 
 def main() -> int:

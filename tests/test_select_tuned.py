@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "select_tuned.py"
 
 
 def fake_trial(study: Path, trial_id: str, order: int, vals: list[float], first_report: float, config: dict) -> None:
-    folder = study / f"run_trial_{trial_id}_{order}_cons_weight={config['cons_weight']}_2026-12-03_12-46-37"
+    folder = study / f"run_trial_{trial_id}_{order}_params_2026-12-03_12-46-37"
     folder.mkdir(parents=True)
     rows = [{"trial_id": trial_id, "iteration": 100 * (i + 1), "val/miou": v, "timestamp": first_report + 60 * i}
             for i, v in enumerate(vals)]
@@ -48,3 +48,15 @@ def test_a_study_without_a_complete_trial_is_refused(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), str(study), "--iters", "1000"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode != 0 and "no trial ran all 1000 iterations" in done.stderr
+
+
+def test_a_multi_method_study_prints_the_chosen_method_with_its_own_overrides(tmp_path: Path) -> None:
+    """A ``--methods`` trial's config nests the method's values under its name; the old output,
+    ``method.method=cutmix,method.cutmix={...}``, was no override ``run_methods.py --variant`` can take."""
+    study = tmp_path / "camvid-methods"
+    fake_trial(study, "aaaa0001", 1, [0.2] * 10, 0.0, {"method": "mt", "mt": {"cons_weight": 100.0, "optim.lr": 0.01}})
+    fake_trial(study, "bbbb0002", 2, [0.3] * 10, 0.0,
+               {"method": "cutmix", "cutmix": {"cons_weight": 0.5, "conf_per_pixel": True, "optim.lr": 0.004}})
+    done = subprocess.run([sys.executable, str(SCRIPT), str(study)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cutmix:method.cons_weight=0.5,method.conf_per_pixel=true,optim.lr=0.004"
