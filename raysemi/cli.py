@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -282,17 +283,17 @@ def _train(cfg: Any, resume: bool, callback_specs: list[str]) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from raysemi.engine.rebuild import evaluate_checkpoint
+    from raysemi.tracking.model_registry import local_checkpoint, model_card
 
-    checkpoint = args.checkpoint
-    if checkpoint.startswith("models:/"):
-        from raysemi.tracking.model_registry import download_checkpoint, model_card
-
-        checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
+    if args.checkpoint.startswith("models:/"):
         card = model_card(args.checkpoint, args.tracking_uri)
         if card:
             print(card)
     overrides = {k: v for k, v in (("dataset", args.dataset), ("root", args.data_root), ("eval_mode", args.eval_mode), ("val_split", args.val_split)) if v is not None}
-    result = evaluate_checkpoint(checkpoint, overrides, device=args.device)
+    with local_checkpoint(args.checkpoint, args.tracking_uri) as checkpoint:
+        result = evaluate_checkpoint(checkpoint, overrides, device=args.device)
+    if args.checkpoint.startswith("models:/"):
+        result["checkpoint"] = args.checkpoint  # its download is gone; the URI finds the weights again
     _print_summary(result, args.json, f"val mIoU {result['val_miou']:.4f} ({result['eval_mode']}, {result['dataset']}/{result['val_split']})")
     return 0
 
@@ -369,12 +370,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from raysemi.engine.predict import find_images, load_predictor, predict_images
 
     images = find_images(args.images)
-    checkpoint = args.checkpoint
-    if checkpoint.startswith("models:/"):
-        from raysemi.tracking.model_registry import download_checkpoint
+    from raysemi.tracking.model_registry import local_checkpoint
 
-        checkpoint = download_checkpoint(checkpoint, args.tracking_uri)
-    predictor = load_predictor(checkpoint, args.device, args.eval_mode)
+    with local_checkpoint(args.checkpoint, args.tracking_uri) as checkpoint:
+        predictor = load_predictor(checkpoint, args.device, args.eval_mode)
+    if args.checkpoint.startswith("models:/"):
+        predictor = dataclasses.replace(predictor, checkpoint=args.checkpoint)
 
     def warn(message: str) -> None:
         tqdm.write(f"raysemi predict: warning: {message}", file=sys.stderr)

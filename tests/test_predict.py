@@ -155,7 +155,8 @@ def _study(walkthrough: dict) -> dict:
 def _champion_state(walkthrough: dict) -> dict:
     from raysemi.tracking.model_registry import download_checkpoint
 
-    return load_state(download_checkpoint("models:/mydata@champion", f"sqlite:///{walkthrough['work'] / 'runs' / 'mlruns.db'}"))
+    uri = f"sqlite:///{walkthrough['work'] / 'runs' / 'mlruns.db'}"
+    return load_state(download_checkpoint("models:/mydata@champion", uri, walkthrough["work"] / "champion-download"))
 
 
 def _mt_run(walkthrough: dict) -> dict:

@@ -81,3 +81,29 @@ def test_every_command_defaults_to_the_same_store(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlruns.db")
     assert tracking_uri(from_dict({"out": "runs/x"})) == default_registry_uri() == "sqlite:////elsewhere/mlruns.db"
     assert resolve_tracking_uri("sqlite:////explicit.db") == "sqlite:////explicit.db"
+
+
+def test_eval_of_a_registered_model_leaves_no_copy_of_its_weights_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """`raysemi eval --checkpoint models:/...` downloads the weights; it used to leave them in a new /tmp folder on
+    every call (38 MB for the CamVid champion)."""
+    import json
+    import tempfile
+
+    from raysemi.cli import main
+    from raysemi.tracking.model_registry import register_checkpoint
+    from tests.test_cli import TINY_RUN
+
+    assert main(["train", "--method", "supervised", *TINY_RUN, "--out", str(tmp_path / "run")]) == 0
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("registry", (tmp_path / "artifacts").as_uri())).info.run_id
+    register_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", uri, parent, "tiny", 0.5)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", "models:/tiny@champion", "--tracking-uri", uri, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["checkpoint"] == "models:/tiny@champion"
+    assert list(scratch.iterdir()) == []

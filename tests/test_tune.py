@@ -408,7 +408,7 @@ def test_champion_loads_through_eval_and_moves_only_when_beaten(study: dict, cap
     assert main(["eval", "--checkpoint", f"models:/{name}@champion", "--tracking-uri", uri, "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["val_miou"] == pytest.approx(summary["best_metric"], abs=1e-9)
-    state = download_checkpoint(f"models:/{name}/{summary['model_version']}", uri)
+    state = download_checkpoint(f"models:/{name}/{summary['model_version']}", uri, study["folder"] / "download")
     worse = register_checkpoint(state, uri, summary["parent_run_id"], name, summary["best_metric"] - 0.01)
     assert not worse["champion_moved"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == summary["model_version"]

@@ -11,6 +11,8 @@ import re
 import shlex
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,20 +200,29 @@ def model_card(uri: str, tracking_uri: str | None) -> str:
     return f"models:/{found.name}/{found.version} ({uri})\n{found.description}"
 
 
-def download_checkpoint(uri: str, tracking_uri: str | None) -> str:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> path of a local ``state.pt``."""
+def download_checkpoint(uri: str, tracking_uri: str | None, folder: str | Path) -> str:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> path of a local ``state.pt`` under ``folder``."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     store, found = _model_version(uri, tracking_uri)
-    name = found.name
     artifact = found.tags.get(STATE_ARTIFACT_TAG)
     if not artifact or not found.run_id:
         raise CheckpointError(f"{uri}: version {found.version} has no raysemi checkpoint (tag {STATE_ARTIFACT_TAG})")
-    target = tempfile.mkdtemp(prefix=f"raysemi-{name}-v{found.version}-")
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=found.run_id, artifact_path=artifact, dst_path=target,
+        path = mlflow.artifacts.download_artifacts(run_id=found.run_id, artifact_path=artifact, dst_path=str(folder),
                                                    tracking_uri=store)
     except MlflowException as exc:
         raise CheckpointError(f"{uri}: cannot download {artifact} ({str(exc).splitlines()[0][:160]})") from None
     return str(path)
+
+
+@contextmanager
+def local_checkpoint(checkpoint: str, tracking_uri: str | None) -> Iterator[str]:
+    """A checkpoint path as given, or a ``models:/`` URI downloaded into a temporary folder that is removed when
+    the block ends: a command that only reads the weights (eval, predict) leaves no copy of them behind."""
+    if not checkpoint.startswith("models:/"):
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="raysemi-model-") as folder:
+        yield download_checkpoint(checkpoint, tracking_uri, folder)
